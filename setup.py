@@ -1,0 +1,77 @@
+"""Build script for slao_kernels.
+
+The C++ CPU kernels in ``csrc/`` are compiled when torch's headers and a C++
+compiler are available (``pip install --no-build-isolation -e .``). Without
+them the package still installs; importing it then warns once that the CPU
+ops run on the pure-torch reference instead.
+
+Environment switches:
+  SLAO_NO_EXTENSION=1   skip the C++ build entirely.
+  SLAO_NO_NATIVE_ARCH=1 build without ``-march=native`` (for a binary that
+                        must run on a different CPU than the one building it).
+"""
+
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+NAME = "slao_kernels"
+VERSION = "0.1.0"
+
+
+def _extension_build():
+    """Return (ext_modules, cmdclass) for the C++ kernels, or ([], {}) with a reason printed."""
+    if os.environ.get("SLAO_NO_EXTENSION") == "1":
+        print("slao_kernels: SLAO_NO_EXTENSION=1, skipping the C++ build", file=sys.stderr)
+        return [], {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError as exc:  # torch absent at build time (e.g. isolated build env)
+        print(f"slao_kernels: torch not importable ({exc}); installing without C++ kernels", file=sys.stderr)
+        return [], {}
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    sources = sorted(
+        os.path.join("csrc", f) for f in os.listdir(os.path.join(here, "csrc")) if f.endswith(".cpp")
+    )
+    cxx_flags = ["-O3", "-fopenmp-simd", "-std=c++17"]
+    if os.environ.get("SLAO_NO_NATIVE_ARCH") != "1":
+        # The extension is built on the machine that runs it, so tune for it.
+        cxx_flags.append("-march=native")
+    ext = CppExtension(f"{NAME}._C", sources, extra_compile_args={"cxx": cxx_flags})
+
+    class OptionalBuildExtension(BuildExtension):
+        """Build the kernels, but never fail the install over them: the package
+        has a pure-torch fallback and says so loudly at import time."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:  # noqa: BLE001 - any compiler failure
+                print(f"slao_kernels: C++ kernels failed to build ({exc}); "
+                      "the CPU ops will fall back to the torch reference", file=sys.stderr)
+
+    return [ext], {"build_ext": OptionalBuildExtension.with_options(no_python_abi_suffix=False)}
+
+
+ext_modules, cmdclass = _extension_build()
+
+setup(
+    name=NAME,
+    version=VERSION,
+    description="Triton and C++ kernels for continual learning of Llama models with one LoRA adapter (SLAO)",
+    long_description=open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=[NAME, f"{NAME}.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    install_requires=["torch>=2.5", "triton>=3.1; platform_system == 'Linux'"],
+    extras_require={
+        "hf": ["transformers>=4.45", "safetensors", "datasets", "gguf", "accelerate"],
+        "test": ["pytest", "transformers>=4.45", "safetensors", "gguf", "accelerate"],
+        "bench": ["pytest", "pytest-benchmark"],
+    },
+    entry_points={"console_scripts": ["slao=slao_kernels.cli:main"]},
+)

@@ -1,0 +1,19 @@
+"""slao_kernels: kernel-accelerated continual learning of Llama models with one LoRA adapter.
+
+Public API:
+  lora_linear         the fused LoRA linear op (Triton on CUDA, C++ on CPU)
+  LoRALinear          nn.Linear replacement holding one LoRA adapter
+  LoRAConfig          which projections get an adapter, and its shape
+  patch_llama         add adapters to a Hugging Face Llama-family model, in place
+  revert              remove them again (optionally merging into the base weights)
+  NATIVE_CPU          whether the C++ CPU kernels are loaded
+"""
+
+from slao_kernels._ops import NATIVE_CPU
+from slao_kernels.nn import LoRALinear
+from slao_kernels.ops.lora_linear import lora_linear
+from slao_kernels.patching import LoRAConfig, patch_llama, revert
+
+__version__ = "0.1.0"
+
+__all__ = ["NATIVE_CPU", "LoRAConfig", "LoRALinear", "__version__", "lora_linear", "patch_llama", "revert"]

@@ -1,0 +1,130 @@
+"""``LoRALinear``: an ``nn.Linear`` with one LoRA adapter, on the fused op.
+
+The module takes over the wrapped linear's own ``weight`` and ``bias``
+Parameter objects (no copy) under the same names, so a patched model's
+``state_dict`` keeps the base keys (``...q_proj.weight``) and adds
+``...q_proj.lora_A`` / ``...q_proj.lora_B``. The original ``nn.Linear`` is kept
+aside, unregistered, for :meth:`LoRALinear.to_linear`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slao_kernels._checks import check_rank
+from slao_kernels.ops.lora_linear import lora_linear
+
+
+def default_lora_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """Adapters of 16-bit models are kept in fp32 (PEFT's default: the adapter
+    is small and its updates are tiny next to bf16's resolution)."""
+    return torch.float32 if base_dtype in (torch.bfloat16, torch.float16) else base_dtype
+
+
+class LoRALinear(nn.Module):
+    """``y = x·Wᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ`` around an existing ``nn.Linear``.
+
+    Args:
+        base: the linear layer to adapt. Its weight and bias are frozen and
+            shared, not copied.
+        rank: adapter rank ``r``, ``1 ≤ r ≤ min(in_features, out_features)``.
+        alpha: LoRA alpha; ``scaling = alpha / r`` (``alpha / √r`` with ``rslora``).
+        dropout: dropout probability on the adapter's input. With ``dropout > 0``
+            in training mode the adapter path runs composed from torch ops (the
+            base product must see the undropped input, the fused op sees one x).
+        rslora: rank-stabilized scaling.
+        dtype: adapter dtype; default :func:`default_lora_dtype` of the base.
+
+    ``lora_A`` (r×in) starts Kaiming-uniform and ``lora_B`` (out×r) at zero, so a
+    new adapter leaves the output unchanged.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise TypeError(f"rank must be an int, got {rank!r}")
+        check_rank(rank, base.in_features, base.out_features)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.rslora = bool(rslora)
+        self.scaling = self.alpha / (math.sqrt(rank) if rslora else rank)
+        self.merged = False
+        object.__setattr__(self, "_base", base)  # kept aside, not a registered submodule
+        self.register_parameter("weight", base.weight)
+        self.register_parameter("bias", base.bias)
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        lora_dtype = dtype or default_lora_dtype(base.weight.dtype)
+        factory = {"device": base.weight.device, "dtype": lora_dtype}
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, **factory))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_lora_parameters()
+
+    @torch.no_grad()
+    def reset_lora_parameters(self) -> None:
+        """Fresh adapter: ``A`` Kaiming-uniform (as ``nn.Linear`` initializes), ``B = 0``."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        if isinstance(self.dropout, nn.Dropout) and self.training:
+            return F.linear(x, self.weight, self.bias) + self.delta(self.dropout(x)).to(x.dtype)
+        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's contribution alone, ``scaling·(x·Aᵀ)·Bᵀ``, in the adapter dtype."""
+        u = F.linear(x.to(self.lora_A.dtype), self.lora_A)
+        return F.linear(u, self.lora_B) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling·B·A`` (out×in), in fp32 or wider."""
+        dt = torch.promote_types(self.lora_A.dtype, torch.float32)
+        return (self.lora_B.to(dt) @ self.lora_A.to(dt)) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into the base weight for inference: ``W ← W + s·B·A``.
+
+        Exact in fp32 up to rounding; on a 16-bit weight the sum is rounded to
+        that dtype, so :meth:`unmerge` restores W only to within its precision.
+        """
+        if self.merged:
+            raise RuntimeError("LoRALinear.merge(): the adapter is already merged")
+        self.weight.copy_((self.weight.to(torch.float32) + self.delta_weight()).to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`: ``W ← W − s·B·A``."""
+        if not self.merged:
+            raise RuntimeError("LoRALinear.unmerge(): the adapter is not merged")
+        self.weight.copy_((self.weight.to(torch.float32) - self.delta_weight()).to(self.weight.dtype))
+        self.merged = False
+
+    def to_linear(self) -> nn.Linear:
+        """The original ``nn.Linear``, holding this module's current weight and
+        bias Parameters (whatever ``.to()``, ``load_state_dict`` or merging did)."""
+        base = self._base
+        base.weight = self.weight
+        base.bias = self.bias
+        return base
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:.4g}, rslora={self.rslora}, "
+                f"lora_dtype={self.lora_A.dtype}, merged={self.merged}")

@@ -1,0 +1,66 @@
+"""Pure-torch reference versions of every ``slao`` op.
+
+They define the semantics the kernels are tested against, serve as the
+baselines in ``benchmarks/``, and are the last-resort CPU kernels when the C++
+extension is not built. Each ``*_ref`` takes and returns exactly what the op
+of the same name does (see ``slao_kernels._ops``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from slao_kernels._ops import act_dtype, compute_dtype
+
+
+def lora_linear_ref(x, weight, bias, lora_A, lora_B, scaling):
+    """``(out, lora_act)`` of ``slao::lora_linear``, composed from torch ops.
+
+    The low-rank path runs in the promotion of ``x`` and the adapter dtype
+    (PEFT's behaviour for an fp32 adapter on a bf16 model); the sum is cast
+    back to ``x.dtype``.
+    """
+    cdt = compute_dtype(x.dtype, lora_A.dtype)
+    act = F.linear(x.to(cdt), lora_A.to(cdt))
+    out = F.linear(x, weight, bias).to(cdt) + scaling * F.linear(act, lora_B.to(cdt))
+    return out.to(x.dtype), act.to(act_dtype(x.dtype, lora_A.dtype))
+
+
+def lora_linear_backward_ref(grad_out, grad_act, x, weight, lora_A, lora_B, lora_act, scaling, input_grad):
+    """``(grad_x, grad_A, grad_B)`` of ``slao::lora_linear_backward``."""
+    cdt = compute_dtype(x.dtype, lora_A.dtype)
+    dy = grad_out.reshape(-1, grad_out.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    act = lora_act.reshape(-1, lora_act.shape[-1]).to(cdt)
+    g = scaling * (dy.to(cdt) @ lora_B.to(cdt))
+    if grad_act is not None:
+        g = g + grad_act.reshape(g.shape).to(cdt)
+    grad_A = (g.t() @ x2.to(cdt)).to(lora_A.dtype)
+    grad_B = (scaling * (dy.to(cdt).t() @ act)).to(lora_B.dtype)
+    if input_grad:
+        grad_x = ((dy @ weight).to(cdt) + g @ lora_A.to(cdt)).to(x.dtype).reshape(x.shape)
+    else:
+        grad_x = x.new_empty((0,))
+    return grad_x, grad_A, grad_B
+
+
+def lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling):
+    """The PEFT-style eager composition ``base(x) + B(A(x))·s`` that users run
+    today; the baseline of the benchmarks. Differentiable by torch autograd."""
+    cdt = compute_dtype(x.dtype, lora_A.dtype)
+    base = F.linear(x, weight, bias)
+    return (base + F.linear(F.linear(x.to(cdt), lora_A.to(cdt)), lora_B.to(cdt)) * scaling).to(x.dtype)
+
+
+def lora_linear_composed(x, weight, bias, lora_A, lora_B, scaling):
+    """The best composition of stock torch ops: base GEMM, then the expand
+    accumulated in place with ``addmm_`` (no temporary of the output size).
+    Forward only (``addmm_`` on an autograd-tracked output is not allowed);
+    the benchmarks time its backward through :func:`lora_linear_backward_ref`."""
+    x2 = x.reshape(-1, x.shape[-1])
+    cdt = compute_dtype(x.dtype, lora_A.dtype)
+    out = F.linear(x2, weight, bias)
+    act = x2.to(cdt) @ lora_A.t().to(cdt)
+    out.addmm_(act.to(out.dtype), lora_B.t().to(out.dtype), alpha=scaling)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
