@@ -19,6 +19,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -53,21 +54,16 @@ inline const acc_t* row_as(const scalar_t* src, int64_t n, std::vector<acc_t>& b
   }
 }
 
-// dst_row += Σ_k coef[k]·rows[k]   (rows: r×n, contiguous), in acc_t, rounding once.
+// dst_row += Σ_k coef[k]·rows[k]   (rows: r×n, contiguous). The sum is formed
+// in `buf` first and added once, so the output is rounded once, not r times.
 template <typename scalar_t, typename acc_t>
 inline void add_combination(scalar_t* dst, const acc_t* coef, const acc_t* rows, int64_t r, int64_t n,
                             std::vector<acc_t>& buf) {
-  acc_t* d = nullptr;
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    d = dst;
-  } else {
-    for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<acc_t>(dst[j]);
-    d = buf.data();
-  }
+  acc_t* d = buf.data();
+  std::fill(d, d + n, acc_t(0));
   for (int64_t k = 0; k < r; ++k) axpy(coef[k], rows + k * n, d, n);
-  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<scalar_t>(buf[j]);
-  }
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<scalar_t>(static_cast<acc_t>(dst[j]) + d[j]);
 }
 
 at::ScalarType acc_dtype(const Tensor& x, const Tensor& lora_A) {
@@ -104,7 +100,7 @@ void forward_rows(const Tensor& x2, const Tensor& A, const Tensor& Bt_scaled, Te
   acc_t* up = act.data_ptr<acc_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   at::parallel_for(0, M, row_grain(r * (n + m)), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> xbuf(std::is_same_v<scalar_t, acc_t> ? 0 : n), obuf(std::is_same_v<scalar_t, acc_t> ? 0 : m);
+    std::vector<acc_t> xbuf(std::is_same_v<scalar_t, acc_t> ? 0 : n), obuf(m);
     for (int64_t i = begin; i < end; ++i) {
       const acc_t* xi = row_as(xp + i * ldx, n, xbuf);
       acc_t* ui = up + i * r;
@@ -165,7 +161,7 @@ void backward_rows(const Tensor& dy, const Tensor& x2, const Tensor& act, const 
   const acc_t s = static_cast<acc_t>(scaling);
   at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
     std::vector<acc_t> dybuf(std::is_same_v<scalar_t, acc_t> ? 0 : m), xbuf(std::is_same_v<scalar_t, acc_t> ? 0 : n),
-        dxbuf(std::is_same_v<scalar_t, acc_t> ? 0 : n), g(r), su(r);
+        dxbuf(n), g(r), su(r);
     for (int64_t c = c_begin; c < c_end; ++c) {
       acc_t* dA = dA_parts[c].data_ptr<acc_t>();
       acc_t* dBt = dBt_parts[c].data_ptr<acc_t>();

@@ -27,11 +27,12 @@ def check_tensor(name: str, t, ndim: int | None = None, min_ndim: int | None = N
         raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(t.shape)}")
 
 
-def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, autocast: bool = False) -> None:
+def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling) -> None:
     """Validate the arguments of ``lora_linear`` (shapes, dtypes, devices).
 
-    Under ``autocast`` the base dtypes may differ (autocast casts them)."""
+    Under autocast the base dtypes may differ (autocast casts them)."""
     check_tensor("x", x, min_ndim=1)
+    autocast = _autocast_enabled(x.device.type)
     check_tensor("weight", weight, ndim=2)
     check_tensor("lora_A", lora_A, ndim=2)
     check_tensor("lora_B", lora_B, ndim=2)
@@ -71,6 +72,13 @@ def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, autocast: b
         raise TypeError(f"lora_B dtype {lora_B.dtype} differs from lora_A dtype {lora_A.dtype}")
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
         raise TypeError(f"scaling must be a finite float, got {scaling!r}")
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (e.g. meta)
+        return False
 
 
 def check_rank(rank: int, in_features: int, out_features: int) -> None:

@@ -4,6 +4,7 @@ interpreter detection. Nothing here queries a device at import time."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -52,3 +53,57 @@ def dot_acc(a, b, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     else:
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc)
     return acc
+
+
+# --------------------------------------------------------------------------- ahead-of-time compilation
+
+PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+
+
+@dataclass(frozen=True)
+class AotSpec:
+    """One launch configuration of a kernel, compilable without a GPU."""
+
+    kernel: object  # the @triton.jit function
+    ptr_dtypes: tuple  # ((arg name, torch dtype), ...) for the pointer arguments
+    constexprs: tuple  # ((arg name, value), ...)
+    num_warps: int
+    num_stages: int = 3
+
+    @property
+    def name(self) -> str:
+        fn = getattr(self.kernel, "fn", self.kernel)
+        ptrs = ",".join(f"{k}={str(v).replace('torch.', '')}" for k, v in self.ptr_dtypes)
+        cex = ",".join(f"{k}={getattr(v, 'name', v)}" for k, v in self.constexprs)
+        return f"{fn.__name__}[{ptrs};{cex};warps={self.num_warps},stages={self.num_stages}]"
+
+    def signature(self) -> dict:
+        """Triton signature: pointers typed, constexprs marked, ``scale`` fp32, other ints i32."""
+        ptrs, cex = dict(self.ptr_dtypes), dict(self.constexprs)
+        sig = {}
+        for arg in self.kernel.arg_names:
+            if arg in cex:
+                sig[arg] = "constexpr"
+            elif arg in ptrs:
+                sig[arg] = PTR[ptrs[arg]]
+            elif arg == "scale":
+                sig[arg] = "fp32"
+            else:
+                sig[arg] = "i32"
+        return sig
+
+
+# Every (activation dtype, adapter dtype) pair the launchers accept on CUDA.
+DTYPE_PAIRS = (
+    (torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+    (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float16), (torch.float16, torch.float32),
+)
+RANK_BLOCKS = (16, 32, 64)  # every value rank_block() returns
+
+
+def gpu_dot_variants(compute: torch.dtype):
+    """Every ``(DOT_DTYPE, PRECISION)`` that :func:`dot_dtype` yields on a GPU for ``compute``."""
+    if compute == torch.float32:
+        return ((tl.float32, "tf32"), (tl.float32, "ieee"))
+    return ((_TL_DTYPE[compute], "ieee"),)

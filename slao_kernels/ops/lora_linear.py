@@ -43,7 +43,9 @@ import triton.language as tl
 from slao_kernels import reference
 from slao_kernels._checks import check_frozen, check_lora_linear_args
 from slao_kernels._ops import LIB, NATIVE_CPU, act_dtype, compute_dtype
-from slao_kernels.ops._triton import dot_acc, dot_dtype, rank_block
+from slao_kernels.ops._triton import (
+    DTYPE_PAIRS, RANK_BLOCKS, AotSpec, dot_acc, dot_dtype, gpu_dot_variants, rank_block,
+)
 
 # --------------------------------------------------------------------------- kernels
 
@@ -92,7 +94,7 @@ def _gemm_lowrank_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pr, stride_ln, stride_lr,
     stride_cm, stride_cn,
     scale,
-    HAS_BIAS: tl.constexpr, BASE_DOT: tl.constexpr, LOWRANK_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -120,11 +122,14 @@ def _gemm_lowrank_kernel(
         mask_k = offs_k < K - k0
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = dot_acc(x, w, acc, BASE_DOT, PRECISION)
+        acc = dot_acc(x, w, acc, DOT_DTYPE, PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    # The low-rank update: one more K-step (R ≤ BLOCK_R for every rank ≤ 64).
+    # The low-rank update: R/BLOCK_R more K-steps with the base GEMM's operand
+    # dtype (tensor cores; an fp32 dot here would run on CUDA cores). BLOCK_R is
+    # kept at 16: these tiles come on top of the pipelined main-loop buffers in
+    # shared memory, and 64-wide ones overflow an A100's.
     offs_r = tl.arange(0, BLOCK_R)
     for r0 in range(0, R, BLOCK_R):
         mask_r = offs_r < R - r0
@@ -132,8 +137,11 @@ def _gemm_lowrank_kernel(
                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         lt = tl.load(l_ptr + (r0 + offs_r)[:, None] * stride_lr + offs_n[None, :] * stride_ln,
                      mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        # Scale the M×R operand, not the M×N product: R/N of the multiplies.
-        acc = dot_acc(p.to(tl.float32) * scale, lt, acc, LOWRANK_DOT, PRECISION)
+        # Scale the M×R operand, not the M×N product: R/N of the multiplies. The
+        # explicit rounding to x's dtype is what the GPU's 16-bit dot does anyway;
+        # spelled out, the interpreter (fp32 dots for bf16) reproduces it.
+        p = (p.to(tl.float32) * scale).to(x_ptr.dtype.element_ty)
+        acc = dot_acc(p, lt.to(x_ptr.dtype.element_ty), acc, DOT_DTYPE, PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -198,6 +206,7 @@ GEMM_CONFIGS = {
     16: (GemmConfig(128, 256, 64, 8, 3), GemmConfig(128, 128, 64, 4, 4), GemmConfig(64, 64, 64, 4, 4)),
     32: (GemmConfig(128, 128, 32, 8, 3), GemmConfig(64, 64, 32, 4, 3)),
 }
+LOWRANK_BLOCK = 16  # rank tile of the GEMM epilogue (see _gemm_lowrank_kernel)
 PROJECT_BLOCK_M = 64
 OUTER_BLOCK_M, OUTER_BLOCK_N = 64, 64
 SMALL_NUM_WARPS = 4
@@ -252,16 +261,18 @@ def project(x2, lt, scale, add=None, *, compute):
     return out
 
 
-def gemm_lowrank(x2, w, p, lt, scale, bias, out, *, compute):
-    """``out ← x2·wᵀ + scale·p·ltᵀ + bias``; ``w`` is N×K and ``lt`` N×R (any strides)."""
+def gemm_lowrank(x2, w, p, lt, scale, bias, out):
+    """``out ← x2·wᵀ + scale·p·ltᵀ + bias``; ``w`` is N×K and ``lt`` N×R (any strides).
+
+    Both products run in ``x2``'s dtype with fp32 accumulation: ``p`` and ``lt``
+    are rounded to it, an error of the order of the output's own rounding."""
     M, K = x2.shape
     N = w.shape[0]
     R = p.shape[1]
     if M == 0 or N == 0:
         return out
     cfg = gemm_config(M, N, x2.dtype)
-    base_dot, precision = dot_dtype(x2.dtype)
-    lowrank_dot, _ = dot_dtype(compute)
+    dot, precision = dot_dtype(x2.dtype)
     bias_t = bias if bias is not None else out  # never read when HAS_BIAS is False
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
     _gemm_lowrank_kernel[grid](
@@ -270,8 +281,8 @@ def gemm_lowrank(x2, w, p, lt, scale, bias, out, *, compute):
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), p.stride(0), p.stride(1),
         lt.stride(0), lt.stride(1), out.stride(0), out.stride(1),
         float(scale),
-        HAS_BIAS=bias is not None, BASE_DOT=base_dot, LOWRANK_DOT=lowrank_dot, PRECISION=precision,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=rank_block(R),
+        HAS_BIAS=bias is not None, DOT_DTYPE=dot, PRECISION=precision,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=LOWRANK_BLOCK,
         GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -316,9 +327,9 @@ def lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling):
     x2 = _rows(x)
     act = project(x2, lora_A, 1.0, compute=cdt)
     out = torch.empty((x2.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype)
-    gemm_lowrank(x2, weight, act, lora_B, scaling, bias, out, compute=cdt)
+    gemm_lowrank(x2, weight, act, lora_B, scaling, bias, out)
     lead = x.shape[:-1]
-    return out.reshape(*lead, weight.shape[0]), act.to(act_dtype(x.dtype, lora_A.dtype)).reshape(*lead, -1)
+    return out.reshape(*lead, weight.shape[0]), act.to(act_dtype(x.dtype, lora_A.dtype)).reshape(*lead, lora_A.shape[0])
 
 
 def lora_linear_backward_triton(grad_out, grad_act, x, weight, lora_A, lora_B, lora_act, scaling, input_grad):
@@ -333,7 +344,7 @@ def lora_linear_backward_triton(grad_out, grad_act, x, weight, lora_A, lora_B, l
     if not input_grad:
         return x.new_empty((0,)), grad_A, grad_B
     grad_x = torch.empty((x2.shape[0], x2.shape[1]), device=x.device, dtype=x.dtype)
-    gemm_lowrank(dy, weight.t(), g, lora_A.t(), 1.0, None, grad_x, compute=cdt)
+    gemm_lowrank(dy, weight.t(), g, lora_A.t(), 1.0, None, grad_x)
     return grad_x.reshape(x.shape), grad_A, grad_B
 
 
@@ -413,7 +424,41 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling):
     are frozen; ``lora_A`` (r, in) and ``lora_B`` (out, r) may be fp32 on a
     16-bit model. Runs Triton kernels on CUDA, C++ kernels on CPU.
     """
-    check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling,
-                           autocast=torch.is_autocast_enabled(x.device.type))
+    check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling)
     check_frozen(weight, bias)
     return torch.ops.slao.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling))[0]
+
+
+# --------------------------------------------------------------------------- every launch configuration
+
+
+def aot_specs():
+    """Every configuration the launchers above can launch on a GPU (for
+    ``slao_kernels.ops.aot``, which compiles them all for sm_80 and sm_90)."""
+    f32 = torch.float32
+    for x_dt, lora_dt in DTYPE_PAIRS:
+        cdt = compute_dtype(x_dt, lora_dt)
+        for dot, precision in gpu_dot_variants(cdt):
+            for block_r in RANK_BLOCKS:
+                for has_add in (False, True):  # u = x·Aᵀ (forward), g = s·dy·B + ∂L/∂u (backward)
+                    yield AotSpec(_project_kernel,
+                                  (("x_ptr", x_dt), ("l_ptr", lora_dt), ("add_ptr", f32), ("p_ptr", f32)),
+                                  (("HAS_ADD", has_add), ("DOT_DTYPE", dot), ("PRECISION", precision),
+                                   ("BLOCK_M", PROJECT_BLOCK_M), ("BLOCK_K", _k_block(x_dt)), ("BLOCK_R", block_r)),
+                                  SMALL_NUM_WARPS)
+                for g_dt in sorted({f32, lora_dt}, key=str):  # fp32 workspace, or the adapter grad itself
+                    yield AotSpec(_rank_outer_kernel,
+                                  (("p_ptr", f32), ("y_ptr", x_dt), ("g_ptr", g_dt)),
+                                  (("DOT_DTYPE", dot), ("PRECISION", precision), ("BLOCK_M", OUTER_BLOCK_M),
+                                   ("BLOCK_N", OUTER_BLOCK_N), ("BLOCK_R", block_r)),
+                                  SMALL_NUM_WARPS)
+        for dot, precision in gpu_dot_variants(x_dt):
+            for cfg in GEMM_CONFIGS[32 if x_dt == f32 else 16]:
+                for has_bias in (False, True):  # forward (bias or not), dx (never)
+                    yield AotSpec(_gemm_lowrank_kernel,
+                                  (("x_ptr", x_dt), ("w_ptr", x_dt), ("p_ptr", f32), ("l_ptr", lora_dt),
+                                   ("bias_ptr", x_dt), ("c_ptr", x_dt)),
+                                  (("HAS_BIAS", has_bias), ("DOT_DTYPE", dot), ("PRECISION", precision),
+                                   ("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n), ("BLOCK_K", cfg.block_k),
+                                   ("BLOCK_R", LOWRANK_BLOCK), ("GROUP_M", cfg.group_m)),
+                                  cfg.num_warps, cfg.num_stages)

@@ -1,0 +1,271 @@
+"""slao::lora_linear: Triton kernels and C++ kernels against the reference,
+autograd, opcheck, gradcheck, torch.compile, autocast, and bad input."""
+
+import pytest
+import torch
+from conftest import KERNEL_DEVICE, assert_close_to_ref
+
+import slao_kernels
+from slao_kernels import reference
+from slao_kernels.ops import lora_linear as op
+from slao_kernels.ops._triton import rank_block
+
+DTYPE_PAIRS = [  # (activations/base, adapter)
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float16),
+    (torch.float16, torch.float32),
+]
+RANKS = [1, 8, 16, 64]
+
+
+def make_inputs(M, n, m, r, dt, lora_dt, device="cpu", bias=True, lead=()):
+    x = torch.randn(*lead, M, n, device=device).to(dt)
+    weight = (torch.randn(m, n, device=device) / n**0.5).to(dt)
+    b = torch.randn(m, device=device).to(dt) if bias else None
+    A = (torch.randn(r, n, device=device) / n**0.5).to(lora_dt)
+    B = (torch.randn(m, r, device=device) / r**0.5).to(lora_dt)
+    return x, weight, b, A, B, 0.75
+
+
+def reference_pair(fn, *tensors_and_scalars, dt):
+    """(out_pt, out_ref): ``fn`` run with every tensor in ``dt`` (the input
+    dtype) and in fp64."""
+    def cast(d):
+        return [t.to(d) if isinstance(t, torch.Tensor) else t for t in tensors_and_scalars]
+    return fn(*cast(dt)), fn(*cast(torch.float64))
+
+
+def check_forward(out, act, x, weight, b, A, B, s):
+    pt, ref = reference_pair(reference.lora_linear_ref, x, weight, b, A, B, s, dt=x.dtype)
+    assert out.dtype == x.dtype and out.shape == (*x.shape[:-1], weight.shape[0])
+    assert act.dtype == torch.promote_types(torch.promote_types(x.dtype, A.dtype), torch.float32)
+    assert_close_to_ref(out, pt[0], ref[0], "out")
+    assert_close_to_ref(act, pt[1], ref[1], "lora_act")
+
+
+def check_backward(grads, dy, ga, x, weight, A, B, act, s):
+    pt, ref = reference_pair(reference.lora_linear_backward_ref, dy, ga, x, weight, A, B, act, s, True, dt=x.dtype)
+    for name, g, g_pt, g_ref, like in zip(("grad_x", "grad_A", "grad_B"), grads, pt, ref, (x, A, B)):
+        assert g.dtype == like.dtype and g.shape == like.shape, name
+        assert_close_to_ref(g, g_pt, g_ref, name)
+
+
+# --------------------------------------------------------------------------- Triton kernels
+
+
+@pytest.mark.parametrize("dt,lora_dt", DTYPE_PAIRS)
+@pytest.mark.parametrize("r", RANKS)
+def test_triton_forward_backward(dt, lora_dt, r):
+    x, weight, b, A, B, s = make_inputs(37, 70, 90, r, dt, lora_dt, KERNEL_DEVICE)
+    out, act = op.lora_linear_triton(x, weight, b, A, B, s)
+    check_forward(out, act, x, weight, b, A, B, s)
+    dy = torch.randn_like(out)
+    ga = torch.randn_like(act)
+    grads = op.lora_linear_backward_triton(dy, ga, x, weight, A, B, act, s, True)
+    check_backward(grads, dy, ga, x, weight, A, B, act, s)
+
+
+def test_triton_no_bias_leading_dims_noncontiguous():
+    x, weight, _, A, B, s = make_inputs(6, 70, 40, 8, torch.float32, torch.float32, KERNEL_DEVICE, bias=False,
+                                        lead=(3,))
+    x = x.transpose(0, 1)  # (6, 3, 70), non-contiguous
+    assert not x.is_contiguous()
+    out, act = op.lora_linear_triton(x, weight, None, A, B, s)
+    check_forward(out, act, x, weight, None, A, B, s)
+    dy = torch.randn_like(out)
+    grads = op.lora_linear_backward_triton(dy, None, x, weight, A, B, act, s, True)
+    check_backward(grads, dy, None, x, weight, A, B, act, s)
+
+
+def test_triton_weight_grad_split_over_rows():
+    """More rows than one program reduces: the fp32 workspace path of _rank_outer_kernel."""
+    M = 3 * op.ROWS_PER_SPLIT + 5
+    assert op.outer_splits(M, programs=2) > 1
+    x, weight, b, A, B, s = make_inputs(M, 40, 30, 4, torch.float32, torch.float32, KERNEL_DEVICE)
+    out, act = op.lora_linear_triton(x, weight, b, A, B, s)
+    dy = torch.randn_like(out)
+    grads = op.lora_linear_backward_triton(dy, None, x, weight, A, B, act, s, False)
+    assert grads[0].numel() == 0
+    pt, ref = reference_pair(reference.lora_linear_backward_ref, dy, None, x, weight, A, B, act, s, False,
+                             dt=torch.float32)
+    assert_close_to_ref(grads[1], pt[1], ref[1], "grad_A")
+    assert_close_to_ref(grads[2], pt[2], ref[2], "grad_B")
+
+
+def test_triton_zero_tokens():
+    x, weight, b, A, B, s = make_inputs(0, 70, 40, 8, torch.float32, torch.float32, KERNEL_DEVICE)
+    out, act = op.lora_linear_triton(x, weight, b, A, B, s)
+    assert out.shape == (0, 40) and act.shape == (0, 8)
+    grads = op.lora_linear_backward_triton(out, None, x, weight, A, B, act, s, True)
+    assert grads[0].shape == (0, 70)
+    assert torch.equal(grads[1], torch.zeros_like(A)) and torch.equal(grads[2], torch.zeros_like(B))
+
+
+@pytest.mark.parametrize("r", list(range(1, 70)))
+def test_rank_tile_is_legal_for_compiled_dot(r):
+    """Compiled tl.dot needs K ≥ 16 for 16-bit operands; tiles are powers of two."""
+    tile = rank_block(r)
+    assert tile >= 16 and tile & (tile - 1) == 0 and (tile >= r or tile == 64)
+    assert op.LOWRANK_BLOCK >= 16
+
+
+# --------------------------------------------------------------------------- the op (C++ on CPU, Triton on CUDA)
+
+OP_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", OP_DEVICES)
+@pytest.mark.parametrize("dt,lora_dt", DTYPE_PAIRS)
+@pytest.mark.parametrize("r", RANKS)
+def test_op_matches_reference(device, dt, lora_dt, r):
+    x, weight, b, A, B, s = make_inputs(37, 70, 90, r, dt, lora_dt, device, lead=(2,))
+    out, act = torch.ops.slao.lora_linear(x, weight, b, A, B, s)
+    check_forward(out, act, x, weight, b, A, B, s)
+    dy, ga = torch.randn_like(out), torch.randn_like(act)
+    grads = torch.ops.slao.lora_linear_backward(dy, ga, x, weight, A, B, act, s, True)
+    check_backward(grads, dy, ga, x, weight, A, B, act, s)
+
+
+def test_cpu_kernel_is_native():
+    """CI builds the C++ extension; a silent fallback to the reference would hide a broken build."""
+    assert slao_kernels.NATIVE_CPU
+
+
+@pytest.mark.parametrize("device", OP_DEVICES)
+def test_autograd_matches_eager(device):
+    x, weight, b, A, B, s = make_inputs(37, 70, 50, 8, torch.float64, torch.float64, device, lead=(3,))
+    x.requires_grad_(True)
+    A.requires_grad_(True)
+    B.requires_grad_(True)
+    y = slao_kernels.lora_linear(x, weight, b, A, B, s)
+    (gx, gA, gB) = torch.autograd.grad(y.square().sum(), (x, A, B))
+    y_e = reference.lora_linear_eager(x, weight, b, A, B, s)
+    (ex, eA, eB) = torch.autograd.grad(y_e.square().sum(), (x, A, B))
+    torch.testing.assert_close(y, y_e)
+    for got, want in ((gx, ex), (gA, eA), (gB, eB)):
+        torch.testing.assert_close(got, want)
+
+
+def test_autograd_skips_input_grad_when_not_needed():
+    x, weight, b, A, B, s = make_inputs(5, 16, 12, 2, torch.float32, torch.float32)
+    A.requires_grad_(True)
+    y = slao_kernels.lora_linear(x, weight, b, A, B, s)
+    y.sum().backward()
+    assert x.grad is None and A.grad is not None and B.grad is None
+
+
+def test_gradcheck_op_fp64():
+    x, weight, b, A, B, s = make_inputs(7, 11, 9, 3, torch.float64, torch.float64, lead=(2,))
+    for t in (x, A, B):
+        t.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, A, B: slao_kernels.lora_linear(x, weight, b, A, B, s), (x, A, B))
+
+
+def test_gradcheck_reference_fp64():
+    """The reference backward is the exact gradient of the reference forward,
+    including the gradient flowing into the lora_act output."""
+
+    class RefFn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, A, B):
+            out, act = reference.lora_linear_ref(x, weight, b, A, B, s)
+            ctx.save_for_backward(x, A, B, act)
+            return out, act
+
+        @staticmethod
+        def backward(ctx, g_out, g_act):
+            x, A, B, act = ctx.saved_tensors
+            return reference.lora_linear_backward_ref(g_out, g_act, x, weight, A, B, act, s, True)
+
+    x, weight, b, A, B, s = make_inputs(6, 10, 8, 3, torch.float64, torch.float64)
+    for t in (x, A, B):
+        t.requires_grad_(True)
+    assert torch.autograd.gradcheck(RefFn.apply, (x, A, B))
+
+
+def test_opcheck():
+    for dt, lora_dt in [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)]:
+        x, weight, b, A, B, s = make_inputs(9, 24, 20, 4, dt, lora_dt, lead=(2,))
+        A.requires_grad_(True)
+        B.requires_grad_(True)
+        torch.library.opcheck(torch.ops.slao.lora_linear.default, (x, weight, b, A, B, s))
+        out, act = torch.ops.slao.lora_linear(x, weight, b, A, B, s)
+        dy = torch.randn_like(out)
+        torch.library.opcheck(torch.ops.slao.lora_linear_backward.default,
+                              (dy, None, x, weight, A.detach(), B.detach(), act.detach(), s, True))
+
+
+def test_torch_compile_fullgraph():
+    x, weight, b, A, B, s = make_inputs(9, 24, 20, 4, torch.float32, torch.float32)
+    A.requires_grad_(True)
+    B.requires_grad_(True)
+
+    def step(x, A, B):
+        return torch.nn.functional.silu(slao_kernels.lora_linear(x, weight, b, A, B, s)).sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    loss = compiled(x, A, B)
+    gA, gB = torch.autograd.grad(loss, (A, B))
+    loss_e = step(x, A, B)
+    eA, eB = torch.autograd.grad(loss_e, (A, B))
+    torch.testing.assert_close(loss, loss_e)
+    torch.testing.assert_close(gA, eA)
+    torch.testing.assert_close(gB, eB)
+
+
+def test_autocast_cpu_bf16():
+    """Under autocast the base runs in bf16 (like F.linear) and the fp32 adapter keeps its dtype."""
+    x, weight, b, A, B, s = make_inputs(9, 24, 20, 4, torch.float32, torch.float32)
+    A.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = slao_kernels.lora_linear(x, weight, b, A, B, s)
+        base = torch.nn.functional.linear(x, weight, b)
+    assert y.dtype == base.dtype == torch.bfloat16
+    pt, ref = reference_pair(reference.lora_linear_ref, x, weight, b, A, B, s, dt=torch.bfloat16)
+    assert_close_to_ref(y, pt[0], ref[0], "autocast out")
+    y.float().sum().backward()
+    assert A.grad.dtype == torch.float32 and torch.isfinite(A.grad).all()
+
+
+def test_zero_tokens_op():
+    x, weight, b, A, B, s = make_inputs(0, 16, 12, 2, torch.float32, torch.float32, lead=(4,))
+    A.requires_grad_(True)
+    y = slao_kernels.lora_linear(x, weight, b, A, B, s)
+    assert y.shape == (4, 0, 12)
+    y.sum().backward()
+    assert torch.equal(A.grad, torch.zeros_like(A))
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _args(**override):
+    x, weight, b, A, B, s = make_inputs(4, 16, 12, 2, torch.float32, torch.float32)
+    args = dict(x=x, weight=weight, bias=b, lora_A=A, lora_B=B, scaling=s)
+    args.update(override)
+    return args
+
+
+@pytest.mark.parametrize("override,exc,match", [
+    (dict(x=torch.randn(4, 15)), ValueError, "x has 15 input features"),
+    (dict(lora_A=torch.randn(2, 15)), ValueError, r"lora_A must have shape \(rank, 16\)"),
+    (dict(lora_B=torch.randn(11, 2)), ValueError, r"lora_B must have shape \(12, 2\)"),
+    (dict(lora_B=torch.randn(12, 3)), ValueError, r"lora_B must have shape \(12, 2\)"),
+    (dict(lora_A=torch.randn(0, 16), lora_B=torch.randn(12, 0)), ValueError, "rank must be >= 1"),
+    (dict(lora_A=torch.randn(13, 16), lora_B=torch.randn(12, 13)), ValueError, "exceeds min"),
+    (dict(bias=torch.randn(11)), ValueError, r"bias must have shape \(12,\)"),
+    (dict(x=torch.randint(0, 3, (4, 16))), TypeError, "x must be a floating-point tensor"),
+    (dict(lora_A=torch.randint(0, 3, (2, 16))), TypeError, "lora_A must be a floating-point"),
+    (dict(x=[[1.0] * 16]), TypeError, "x must be a torch.Tensor"),
+    (dict(x=torch.randn(4, 16, dtype=torch.float64)), TypeError, "weight dtype torch.float32 differs from x"),
+    (dict(lora_B=torch.randn(12, 2, dtype=torch.bfloat16)), TypeError, "lora_B dtype"),
+    (dict(x=torch.randn(4, 16, device="meta")), ValueError, "weight is on cpu but x is on meta"),
+    (dict(weight=torch.randn(12, 16, requires_grad=True)), ValueError, "weight requires grad"),
+    (dict(scaling=float("nan")), TypeError, "scaling must be a finite float"),
+    (dict(weight=torch.randn(12, 16, 1)), ValueError, "weight must be 2-D"),
+])
+def test_bad_input(override, exc, match):
+    with pytest.raises(exc, match=match):
+        slao_kernels.lora_linear(**_args(**override))
