@@ -1,0 +1,115 @@
+"""LoRALinear: wrapping without copies, init, scaling, merge/unmerge, dropout, repr, bad input."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from slao_kernels import LoRALinear
+from slao_kernels.reference import lora_linear_ref
+
+
+def test_wraps_without_copy_and_freezes_base():
+    base = nn.Linear(32, 24)
+    m = LoRALinear(base, rank=4, alpha=8)
+    assert m.weight is base.weight and m.bias is base.bias
+    assert not m.weight.requires_grad and not m.bias.requires_grad
+    assert m.lora_A.shape == (4, 32) and m.lora_B.shape == (24, 4)
+    assert m.lora_A.requires_grad and m.lora_B.requires_grad
+    assert set(dict(m.named_parameters())) == {"weight", "bias", "lora_A", "lora_B"}
+    assert torch.equal(m.lora_B, torch.zeros_like(m.lora_B)) and m.lora_A.abs().sum() > 0
+
+
+def test_fresh_adapter_leaves_output_unchanged():
+    base = nn.Linear(32, 24)
+    m = LoRALinear(base, rank=4, alpha=8)
+    x = torch.randn(3, 5, 32)
+    assert torch.equal(m(x), base(x))
+
+
+@pytest.mark.parametrize("rslora,expected", [(False, 16 / 4), (True, 16 / math.sqrt(4))])
+def test_scaling(rslora, expected):
+    m = LoRALinear(nn.Linear(8, 8), rank=4, alpha=16, rslora=rslora)
+    assert m.scaling == pytest.approx(expected)
+
+
+def test_forward_backward_matches_reference():
+    m = LoRALinear(nn.Linear(32, 24), rank=4, alpha=8)
+    with torch.no_grad():
+        m.lora_B.normal_()
+    x = torch.randn(7, 32, requires_grad=True)
+    y = m(x)
+    want, _ = lora_linear_ref(x, m.weight, m.bias, m.lora_A, m.lora_B, m.scaling)
+    torch.testing.assert_close(y, want)
+    y.sum().backward()
+    assert m.lora_A.grad is not None and m.lora_B.grad is not None and x.grad is not None
+    assert m.weight.grad is None
+
+
+def test_bf16_base_gets_fp32_adapter():
+    m = LoRALinear(nn.Linear(32, 24).to(torch.bfloat16), rank=4, alpha=8)
+    assert m.lora_A.dtype == torch.float32
+    assert m(torch.randn(2, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    m16 = LoRALinear(nn.Linear(32, 24).to(torch.bfloat16), rank=4, alpha=8, dtype=torch.bfloat16)
+    assert m16.lora_A.dtype == torch.bfloat16
+
+
+def test_merge_unmerge():
+    base = nn.Linear(32, 24)
+    w0 = base.weight.detach().clone()
+    m = LoRALinear(base, rank=4, alpha=8)
+    with torch.no_grad():
+        m.lora_B.normal_()
+    x = torch.randn(5, 32)
+    y = m(x)
+    m.merge()
+    assert m.merged
+    torch.testing.assert_close(m(x), y)  # same function, now one GEMM
+    torch.testing.assert_close(base.weight, w0 + m.scaling * m.lora_B @ m.lora_A)
+    with pytest.raises(RuntimeError, match="already merged"):
+        m.merge()
+    m.unmerge()
+    torch.testing.assert_close(base.weight, w0)  # fp32: exact up to one rounding
+    with pytest.raises(RuntimeError, match="not merged"):
+        m.unmerge()
+
+
+def test_dropout_only_on_adapter_path_in_training():
+    m = LoRALinear(nn.Linear(32, 24), rank=4, alpha=8, dropout=0.5)
+    with torch.no_grad():
+        m.lora_B.normal_()
+    x = torch.randn(64, 32)
+    m.eval()
+    y_eval = m(x)
+    torch.testing.assert_close(y_eval, lora_linear_ref(x, m.weight, m.bias, m.lora_A, m.lora_B, m.scaling)[0])
+    m.train()
+    y_train = m(x)
+    assert not torch.allclose(y_train, y_eval)
+    # The base path never sees dropout: removing the adapter's part leaves the base output.
+    with torch.no_grad():
+        m.lora_B.zero_()
+    torch.testing.assert_close(m(x), nn.functional.linear(x, m.weight, m.bias))
+
+
+def test_repr_is_informative():
+    r = repr(LoRALinear(nn.Linear(32, 24, bias=False), rank=4, alpha=8))
+    for part in ("in_features=32", "out_features=24", "bias=False", "rank=4", "alpha=8", "scaling=2", "merged=False"):
+        assert part in r
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(rank=0), ValueError, "rank must be >= 1"),
+    (dict(rank=25), ValueError, "exceeds min"),
+    (dict(rank=2.0), TypeError, "rank must be an int"),
+    (dict(rank=2, dropout=1.0), ValueError, "dropout must be in"),
+])
+def test_bad_construction(kwargs, exc, match):
+    kwargs = {"alpha": 8, **kwargs}
+    with pytest.raises(exc, match=match):
+        LoRALinear(nn.Linear(32, 24), **kwargs)
+
+
+def test_wrapping_a_non_linear_is_refused():
+    with pytest.raises(TypeError, match="wraps an nn.Linear"):
+        LoRALinear(nn.Conv1d(3, 3, 1), rank=1, alpha=1)
