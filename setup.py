@@ -7,8 +7,6 @@ ops run on the pure-torch reference instead.
 
 Environment switches:
   SLAO_NO_EXTENSION=1   skip the C++ build entirely.
-  SLAO_NO_NATIVE_ARCH=1 build without ``-march=native`` (for a binary that
-                        must run on a different CPU than the one building it).
 """
 
 import os
@@ -35,9 +33,9 @@ def _extension_build():
     sources = sorted(
         os.path.join("csrc", f) for f in os.listdir(os.path.join(here, "csrc")) if f.endswith(".cpp")
     )
-    cxx_flags = ["-O3", "-fopenmp-simd", "-std=c++17"]
-    if os.environ.get("SLAO_NO_NATIVE_ARCH") != "1":
-        # The extension is built on the machine that runs it, so tune for it.
+    cxx_flags = ["-O3", "-std=c++17"]
+    if os.environ.get("SLAO_PORTABLE") != "1":
+        # Built where it runs (a source install), so use every vector unit this CPU has.
         cxx_flags.append("-march=native")
     ext = CppExtension(f"{NAME}._C", sources, extra_compile_args={"cxx": cxx_flags})
 

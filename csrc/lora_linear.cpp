@@ -3,14 +3,20 @@
 //   forward   out = x·W0ᵀ + b + s·u·Bᵀ,  u = x·Aᵀ          (x: M×n, W0: m×n, A: r×n, B: m×r)
 //   backward  g = s·dy·B + ∂L/∂u;  dx = dy·W0 + g·A;  dA = gᵀ·x;  dB = s·dyᵀ·u
 //
-// The base products (x·W0ᵀ, dy·W0) go to the BLAS GEMM, written straight into
-// the output tensor. Everything rank-r is done in ONE pass over the rows: each
-// row of x / dy is read once, its r dot products and r axpys run on data in L1,
-// and the result is accumulated in place into the GEMM's output row. That
-// replaces the 4 (forward) / 8 (backward) passes over M×n and M×m tensors of
-// the composed torch version, and its temporaries. Accumulation is in the
-// promoted dtype (fp32 for 16-bit inputs, fp64 for fp64). The weight gradients
-// are summed per thread chunk, then reduced in chunk order.
+// The big products (x·W0ᵀ, dy·W0) and the rank-r reductions over rows go to
+// BLAS, each written straight into its destination. The reductions are issued
+// in the orientation MKL runs fastest: with r = 8 at 512×576, `A·xᵀ` takes
+// 31 µs against 61 µs for `x·Aᵀ`, and `uᵀ·dy` 32 µs against 123 µs for `dyᵀ·u`.
+// The rank-r updates of the M×m output and of dx (K = r, memory-bound) are
+// our own loop, `add_lowrank_rows`: one pass over the rows, the r terms summed
+// in registers and added once (one rounding), parallel over rows. Single
+// threaded at that shape, the whole forward besides its two GEMMs takes 140 µs
+// with it; MKL's `addmm_` alone took 208 µs for the update.
+//
+// Compared with the composed eager version (PEFT's `base(x) + B(A(x))·s`) this
+// removes the M×m temporaries, the elementwise scale and add passes, and their
+// autograd nodes. The rank-r path runs in the promotion of x's and the
+// adapter's dtype (fp32 for a bf16 model with an fp32 adapter).
 //
 // Schemas and fake kernels: slao_kernels/_ops.py. Reference: slao_kernels/reference.py.
 
@@ -20,6 +26,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -28,55 +35,99 @@ namespace {
 
 using at::Tensor;
 
-template <typename acc_t>
-inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
-  acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
-  return s;
+// A SIMD register of acc_t (GCC/Clang vector extension; lowered to whatever
+// width the target has). The accumulator of add_lowrank_rows lives in these.
+template <typename T>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float type __attribute__((vector_size(64)));
+  static constexpr int64_t lanes = 16;
+};
+template <>
+struct Simd<double> {
+  typedef double type __attribute__((vector_size(64)));
+  static constexpr int64_t lanes = 8;
+};
+
+template <typename vec, typename T>
+inline vec load(const T* p) {
+  vec v;
+  std::memcpy(&v, p, sizeof(vec));  // unaligned vector load
+  return v;
 }
 
-// y += alpha·x
-template <typename acc_t>
-inline void axpy(acc_t alpha, const acc_t* x, acc_t* y, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) y[j] += alpha * x[j];
-}
-
-// A row of `src` as acc_t: the row itself when the types agree, else a converted copy in `buf`.
-template <typename scalar_t, typename acc_t>
-inline const acc_t* row_as(const scalar_t* src, int64_t n, std::vector<acc_t>& buf) {
+// o[0:lanes] += acc, rounding once to o's dtype.
+template <typename scalar_t, typename vec>
+inline void add_to(scalar_t* o, const vec& acc) {
+  constexpr int64_t lanes = sizeof(vec) / sizeof(acc[0]);
+  using acc_t = std::remove_cv_t<std::remove_reference_t<decltype(acc[0])>>;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return src;
+    vec sum = load<vec>(o) + acc;
+    std::memcpy(o, &sum, sizeof(vec));
   } else {
-    for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<acc_t>(src[j]);
-    return buf.data();
+    for (int64_t l = 0; l < lanes; ++l) o[l] = static_cast<scalar_t>(static_cast<acc_t>(o[l]) + acc[l]);
   }
 }
 
-// dst_row += Σ_k coef[k]·rows[k]   (rows: r×n, contiguous). The sum is formed
-// in `buf` first and added once, so the output is rounded once, not r times.
+// out[i, :] += Σ_k coef[i, k]·rows[k, :]     out: M×N (unit column stride), coef: M×r (any strides),
+// rows: r×N contiguous, all in acc_t except out. Per chunk of columns the r
+// terms are summed in a register and added to the output once (one rounding).
 template <typename scalar_t, typename acc_t>
-inline void add_combination(scalar_t* dst, const acc_t* coef, const acc_t* rows, int64_t r, int64_t n,
-                            std::vector<acc_t>& buf) {
-  acc_t* d = buf.data();
-  std::fill(d, d + n, acc_t(0));
-  for (int64_t k = 0; k < r; ++k) axpy(coef[k], rows + k * n, d, n);
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<scalar_t>(static_cast<acc_t>(dst[j]) + d[j]);
+void add_lowrank_rows(Tensor& out, const Tensor& coef, const Tensor& rows) {
+  using vec = typename Simd<acc_t>::type;
+  constexpr int64_t L = Simd<acc_t>::lanes;
+  const int64_t M = out.size(0), N = out.size(1), r = rows.size(0);
+  const int64_t ldo = out.stride(0), cs0 = coef.stride(0), cs1 = coef.stride(1);
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const acc_t* cp = coef.data_ptr<acc_t>();
+  const acc_t* rp = rows.data_ptr<acc_t>();
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(N * r, 1));
+  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> c(r);
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t k = 0; k < r; ++k) c[k] = cp[i * cs0 + k * cs1];
+      scalar_t* o = op + i * ldo;
+      int64_t j = 0;
+      // Four independent accumulators per step: one would chain r dependent
+      // FMAs (4-cycle latency each); four keep the FMA units busy.
+      for (; j + 4 * L <= N; j += 4 * L) {
+        vec acc[4] = {};
+        for (int64_t k = 0; k < r; ++k) {
+          const acc_t* rk = rp + k * N + j;
+          for (int u = 0; u < 4; ++u) acc[u] += c[k] * load<vec>(rk + u * L);
+        }
+        for (int u = 0; u < 4; ++u) add_to(o + j + u * L, acc[u]);
+      }
+      for (; j + L <= N; j += L) {
+        vec acc = {};
+        for (int64_t k = 0; k < r; ++k) acc += c[k] * load<vec>(rp + k * N + j);
+        add_to(o + j, acc);
+      }
+      for (; j < N; ++j) {  // tail columns
+        acc_t sum = 0;
+        for (int64_t k = 0; k < r; ++k) sum += c[k] * rp[k * N + j];
+        o[j] = static_cast<scalar_t>(static_cast<acc_t>(o[j]) + sum);
+      }
+    }
+  });
+}
+
+// Dispatch add_lowrank_rows on out's dtype and the accumulation dtype of `rows`.
+void add_lowrank(Tensor& out, const Tensor& coef, const Tensor& rows) {
+  TORCH_INTERNAL_ASSERT(out.stride(1) == 1 && rows.is_contiguous() && coef.scalar_type() == rows.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "slao::add_lowrank", [&] {
+    if (rows.scalar_type() == at::kDouble) {
+      add_lowrank_rows<scalar_t, double>(out, coef, rows);
+    } else {
+      add_lowrank_rows<scalar_t, float>(out, coef, rows);
+    }
+  });
 }
 
 at::ScalarType acc_dtype(const Tensor& x, const Tensor& lora_A) {
   return at::promote_types(at::promote_types(x.scalar_type(), lora_A.scalar_type()), at::kFloat);
 }
-
-// Rows of `t` as an (M, features) matrix whose rows are contiguous.
-Tensor rows(const Tensor& t, int64_t features) {
-  Tensor t2 = t.reshape({-1, features});
-  return t2.stride(1) == 1 ? t2 : t2.contiguous();
-}
-
-int64_t row_grain(int64_t row_cost) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(row_cost, 1)); }
 
 void check_args(const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B) {
   TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2 && lora_A.dim() == 2 && lora_B.dim() == 2,
@@ -90,24 +141,10 @@ void check_args(const Tensor& x, const Tensor& weight, const Tensor& lora_A, con
               " differs from weight dtype ", weight.scalar_type());
 }
 
-template <typename scalar_t, typename acc_t>
-void forward_rows(const Tensor& x2, const Tensor& A, const Tensor& Bt_scaled, Tensor& act, Tensor& out) {
-  const int64_t M = x2.size(0), n = x2.size(1), m = out.size(1), r = A.size(0);
-  const int64_t ldx = x2.stride(0), ldo = out.stride(0);
-  const scalar_t* xp = x2.data_ptr<scalar_t>();
-  const acc_t* ap = A.data_ptr<acc_t>();
-  const acc_t* bp = Bt_scaled.data_ptr<acc_t>();
-  acc_t* up = act.data_ptr<acc_t>();
-  scalar_t* op = out.data_ptr<scalar_t>();
-  at::parallel_for(0, M, row_grain(r * (n + m)), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> xbuf(std::is_same_v<scalar_t, acc_t> ? 0 : n), obuf(m);
-    for (int64_t i = begin; i < end; ++i) {
-      const acc_t* xi = row_as(xp + i * ldx, n, xbuf);
-      acc_t* ui = up + i * r;
-      for (int64_t k = 0; k < r; ++k) ui[k] = dot(xi, ap + k * n, n);
-      add_combination(op + i * ldo, ui, bp, r, m, obuf);
-    }
-  });
+std::vector<int64_t> with_last(const Tensor& t, int64_t last) {
+  std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end() - 1);
+  shape.push_back(last);
+  return shape;
 }
 
 std::tuple<Tensor, Tensor> lora_linear_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
@@ -115,7 +152,7 @@ std::tuple<Tensor, Tensor> lora_linear_cpu(const Tensor& x, const Tensor& weight
   check_args(x, weight, lora_A, lora_B);
   const int64_t n = weight.size(1), m = weight.size(0), r = lora_A.size(0);
   const auto acc = acc_dtype(x, lora_A);
-  Tensor x2 = rows(x, n);
+  Tensor x2 = x.reshape({-1, n});
   const int64_t M = x2.size(0);
   Tensor out = at::empty({M, m}, x.options());
   Tensor act = at::empty({M, r}, x.options().dtype(acc));
@@ -125,61 +162,11 @@ std::tuple<Tensor, Tensor> lora_linear_cpu(const Tensor& x, const Tensor& weight
     } else {
       at::mm_out(out, x2, weight.t());
     }
-    // The adapter, converted once (r×n and r×m: tiny next to the activations),
-    // with s folded into Bᵀ so the row loop does no extra multiply.
-    Tensor A = lora_A.to(acc).contiguous();
-    Tensor Bt = lora_B.t().to(acc).mul(scaling).contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "slao::lora_linear", [&] {
-      if (acc == at::kDouble) {
-        forward_rows<scalar_t, double>(x2, A, Bt, act, out);
-      } else {
-        forward_rows<scalar_t, float>(x2, A, Bt, act, out);
-      }
-    });
+    act.copy_(at::mm(lora_A.to(acc), x2.t().to(acc)).t());  // uᵀ = A·xᵀ (r×M), the fast orientation
+    // out += u·(s·B)ᵀ, in place
+    add_lowrank(out, act, lora_B.t().to(acc).mul(scaling).contiguous());
   }
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1), act_shape = out_shape;
-  out_shape.push_back(m);
-  act_shape.push_back(r);
-  return {out.view(out_shape), act.view(act_shape)};
-}
-
-template <typename scalar_t, typename acc_t>
-void backward_rows(const Tensor& dy, const Tensor& x2, const Tensor& act, const std::optional<Tensor>& grad_act,
-                   const Tensor& A, const Tensor& Bt, double scaling, Tensor& grad_x, Tensor& dA_parts,
-                   Tensor& dBt_parts) {
-  const int64_t M = dy.size(0), m = dy.size(1), n = x2.size(1), r = A.size(0);
-  const int64_t chunks = dA_parts.size(0);
-  const bool input_grad = grad_x.numel() > 0;
-  const scalar_t* dyp = dy.data_ptr<scalar_t>();
-  const scalar_t* xp = x2.data_ptr<scalar_t>();
-  const acc_t* up = act.data_ptr<acc_t>();
-  const acc_t* gap = grad_act.has_value() ? grad_act->data_ptr<acc_t>() : nullptr;
-  const acc_t* ap = A.data_ptr<acc_t>();
-  const acc_t* bp = Bt.data_ptr<acc_t>();
-  scalar_t* dxp = input_grad ? grad_x.data_ptr<scalar_t>() : nullptr;
-  const int64_t lddy = dy.stride(0), ldx = x2.stride(0), lddx = input_grad ? grad_x.stride(0) : 0;
-  const acc_t s = static_cast<acc_t>(scaling);
-  at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
-    std::vector<acc_t> dybuf(std::is_same_v<scalar_t, acc_t> ? 0 : m), xbuf(std::is_same_v<scalar_t, acc_t> ? 0 : n),
-        dxbuf(n), g(r), su(r);
-    for (int64_t c = c_begin; c < c_end; ++c) {
-      acc_t* dA = dA_parts[c].data_ptr<acc_t>();
-      acc_t* dBt = dBt_parts[c].data_ptr<acc_t>();
-      for (int64_t i = M * c / chunks; i < M * (c + 1) / chunks; ++i) {
-        const acc_t* dyi = row_as(dyp + i * lddy, m, dybuf);
-        const acc_t* xi = row_as(xp + i * ldx, n, xbuf);
-        for (int64_t k = 0; k < r; ++k) {
-          g[k] = s * dot(dyi, bp + k * m, m) + (gap ? gap[i * r + k] : acc_t(0));
-          su[k] = s * up[i * r + k];
-        }
-        if (input_grad) add_combination(dxp + i * lddx, g.data(), ap, r, n, dxbuf);
-        for (int64_t k = 0; k < r; ++k) {
-          axpy(g[k], xi, dA + k * n, n);
-          axpy(su[k], dyi, dBt + k * m, m);
-        }
-      }
-    }
-  });
+  return {out.view(with_last(x, m)), act.view(with_last(x, r))};
 }
 
 std::tuple<Tensor, Tensor, Tensor> lora_linear_backward_cpu(const Tensor& grad_out, const std::optional<Tensor>& grad_act,
@@ -189,31 +176,26 @@ std::tuple<Tensor, Tensor, Tensor> lora_linear_backward_cpu(const Tensor& grad_o
   check_args(x, weight, lora_A, lora_B);
   const int64_t n = weight.size(1), m = weight.size(0), r = lora_A.size(0);
   const auto acc = acc_dtype(x, lora_A);
-  Tensor dy = rows(grad_out.to(x.scalar_type()), m);
-  Tensor x2 = rows(x, n);
+  Tensor dy = grad_out.reshape({-1, m});
+  Tensor x2 = x.reshape({-1, n});
   const int64_t M = x2.size(0);
-  Tensor act = lora_act.reshape({M, r}).to(acc).contiguous();
-  std::optional<Tensor> ga;
-  if (grad_act.has_value()) ga = grad_act->reshape({M, r}).to(acc).contiguous();
-  Tensor A = lora_A.to(acc).contiguous();
-  Tensor Bt = lora_B.t().to(acc).contiguous();
-  Tensor grad_x = input_grad ? at::mm(dy, weight) : at::empty({0}, x.options());
-  // One weight-gradient accumulator per thread chunk: chunks·r·(n+m) values.
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M));
-  Tensor dA_parts = at::zeros({chunks, r, n}, x.options().dtype(acc));
-  Tensor dBt_parts = at::zeros({chunks, r, m}, x.options().dtype(acc));
-  if (M > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "slao::lora_linear_backward", [&] {
-      if (acc == at::kDouble) {
-        backward_rows<scalar_t, double>(dy, x2, act, ga, A, Bt, scaling, grad_x, dA_parts, dBt_parts);
-      } else {
-        backward_rows<scalar_t, float>(dy, x2, act, ga, A, Bt, scaling, grad_x, dA_parts, dBt_parts);
-      }
-    });
+  Tensor act = lora_act.reshape({M, r}).to(acc);
+  Tensor dy_acc = dy.to(acc);  // no-op unless the adapter is wider than the activations
+  // gᵀ = s·Bᵀ·dyᵀ + (∂L/∂u)ᵀ   (r×M)
+  Tensor gT = at::mm(lora_B.t().to(acc), dy_acc.t()).mul_(scaling);
+  if (grad_act.has_value()) gT.add_(grad_act->reshape({M, r}).t().to(acc));
+  // dA = gᵀ·x,  dBᵀ = s·uᵀ·dy: computed in acc, stored in the adapter's dtype.
+  Tensor grad_A = at::mm(gT, x2.to(acc)).to(lora_A.scalar_type());
+  Tensor grad_B = at::mm(act.t(), dy_acc).mul_(scaling).t().to(lora_B.scalar_type()).contiguous();
+  Tensor grad_x;
+  if (input_grad) {
+    grad_x = at::empty({M, n}, x.options());
+    at::mm_out(grad_x, dy, weight);
+    add_lowrank(grad_x, gT.t(), lora_A.to(acc).contiguous());  // dx += g·A, in place
+    grad_x = grad_x.view(x.sizes());
+  } else {
+    grad_x = at::empty({0}, x.options());
   }
-  Tensor grad_A = dA_parts.sum(0).to(lora_A.scalar_type());
-  Tensor grad_B = dBt_parts.sum(0).t().to(lora_B.scalar_type()).contiguous();
-  if (input_grad) grad_x = grad_x.view(x.sizes());
   return {grad_x, grad_A, grad_B};
 }
 
