@@ -8,10 +8,12 @@
 // in the orientation MKL runs fastest: with r = 8 at 512×576, `A·xᵀ` takes
 // 31 µs against 61 µs for `x·Aᵀ`, and `uᵀ·dy` 32 µs against 123 µs for `dyᵀ·u`.
 // The rank-r updates of the M×m output and of dx (K = r, memory-bound) are
-// our own loop, `add_lowrank_rows`: one pass over the rows, the r terms summed
-// in registers and added once (one rounding), parallel over rows. Single
-// threaded at that shape, the whole forward besides its two GEMMs takes 140 µs
-// with it; MKL's `addmm_` alone took 208 µs for the update.
+// accumulated in place: by BLAS (`addmm_`, beta = 1, one rounding) when the
+// output has the accumulation dtype, by our loop `add_lowrank_rows` when the
+// output is 16-bit (summed in fp32 and rounded once, rather than rounding u
+// and B to 16 bits for a 16-bit GEMM). On 2 threads at that
+// shape MKL's update beat the loop (which is bandwidth-bound and does not
+// scale past one thread): slao/base fwd+bwd 1.20 against 1.25.
 //
 // Compared with the composed eager version (PEFT's `base(x) + B(A(x))·s`) this
 // removes the M×m temporaries, the elementwise scale and add passes, and their
@@ -113,9 +115,16 @@ void add_lowrank_rows(Tensor& out, const Tensor& coef, const Tensor& rows) {
   });
 }
 
-// Dispatch add_lowrank_rows on out's dtype and the accumulation dtype of `rows`.
+// out += coef·rows. When out has the accumulation dtype, BLAS does it in place
+// (addmm_ with beta = 1 also rounds once, and its threads scale where our loop
+// is bandwidth-bound); a 16-bit out takes our loop, which sums in fp32 and
+// rounds once instead of rounding coef and rows to 16 bits first.
 void add_lowrank(Tensor& out, const Tensor& coef, const Tensor& rows) {
   TORCH_INTERNAL_ASSERT(out.stride(1) == 1 && rows.is_contiguous() && coef.scalar_type() == rows.scalar_type());
+  if (out.scalar_type() == rows.scalar_type()) {
+    out.addmm_(coef, rows);
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "slao::add_lowrank", [&] {
     if (rows.scalar_type() == at::kDouble) {
       add_lowrank_rows<scalar_t, double>(out, coef, rows);
