@@ -27,6 +27,7 @@ def test_patch_then_revert_is_bit_identical(arch):
     before = _snapshot(model)
     with torch.no_grad():
         logits0 = model(IDS).logits
+    originals = {n: m for n, m in model.named_modules() if n.endswith(("q_proj", "v_proj"))}
     names = patch_llama(model, LoRAConfig(rank=4, targets=("q_proj", "v_proj")))
     assert names == sorted(f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj"))
     assert all(isinstance(model.get_submodule(n), LoRALinear) for n in names)
@@ -39,6 +40,7 @@ def test_patch_then_revert_is_bit_identical(arch):
     restored = revert(model)
     assert restored == names
     assert not lora_modules(model)
+    assert all(model.get_submodule(n) is m for n, m in originals.items())  # the same objects
     after = model.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)
