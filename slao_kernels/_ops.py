@@ -19,6 +19,12 @@ lora_act, scaling, input_grad) -> (grad_x, grad_A, grad_B)``
     ``grad_x = grad_out·weight + g·lora_A`` (an empty tensor when
     ``input_grad`` is false), ``grad_A = gᵀ·x``,
     ``grad_B = scaling·grad_outᵀ·lora_act``.
+
+``slao::scaled_merge_(merged, fine_tuned, lam, check_finite) -> ()``
+    In place, for every i: ``merged[i] ← merged[i] + lam·(fine_tuned[i] − merged[i])``,
+    computed in fp32 (fp64 for fp64) as ``(1 − lam)·merged + lam·fine_tuned``
+    (exact at lam = 0 and 1). With ``check_finite`` nothing is written
+    when any result would be NaN or ±Inf (a ``ValueError`` names the tensor).
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ LIB.define(
     "lora_linear_backward(Tensor grad_out, Tensor? grad_act, Tensor x, Tensor weight, Tensor lora_A,"
     " Tensor lora_B, Tensor lora_act, float scaling, bool input_grad) -> (Tensor, Tensor, Tensor)"
 )
+
+LIB.define("scaled_merge_(Tensor(a!)[] merged, Tensor[] fine_tuned, float lam, bool check_finite) -> ()")
 
 
 def compute_dtype(x_dtype: torch.dtype, lora_dtype: torch.dtype) -> torch.dtype:
@@ -64,6 +72,11 @@ def _lora_linear_fake(x, weight, bias, lora_A, lora_B, scaling):
 def _lora_linear_backward_fake(grad_out, grad_act, x, weight, lora_A, lora_B, lora_act, scaling, input_grad):
     grad_x = torch.empty_like(x) if input_grad else x.new_empty((0,))
     return grad_x, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+@torch.library.register_fake("slao::scaled_merge_")
+def _scaled_merge_fake(merged, fine_tuned, lam, check_finite):
+    return None
 
 
 def _load_native() -> bool:

@@ -64,3 +64,17 @@ def lora_linear_composed(x, weight, bias, lora_A, lora_B, scaling):
     act = x2.to(cdt) @ lora_A.t().to(cdt)
     out.addmm_(act.to(out.dtype), lora_B.t().to(out.dtype), alpha=scaling)
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def scaled_merge_ref(merged, fine_tuned, lam, check_finite):
+    """In-place ``merged[i] ← merged[i] + lam·(fine_tuned[i] − merged[i])`` (``slao::scaled_merge_``)."""
+    results = []
+    for i, (m, f) in enumerate(zip(merged, fine_tuned)):
+        acc = torch.promote_types(m.dtype, torch.float32)
+        out = ((1.0 - lam) * m.to(acc) + lam * f.to(acc)).to(m.dtype)  # exact at lam = 0 and 1
+        if check_finite and not torch.isfinite(out).all():
+            raise ValueError(f"scaled_merge_: the merge would write non-finite values into tensor {i} "
+                             f"(shape {tuple(m.shape)}); nothing was written")
+        results.append(out)
+    for m, out in zip(merged, results):
+        m.copy_(out)

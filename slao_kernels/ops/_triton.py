@@ -13,6 +13,13 @@ import triton.language as tl
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
+def dtype_of(dtype: torch.dtype):
+    """The Triton dtype of a floating torch dtype the kernels support."""
+    if dtype not in _TL_DTYPE:
+        raise TypeError(f"Triton kernels take float32/bfloat16/float16 tensors, not {dtype}")
+    return _TL_DTYPE[dtype]
+
+
 def interpreting() -> bool:
     """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -57,7 +64,8 @@ def dot_acc(a, b, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
 
 # --------------------------------------------------------------------------- ahead-of-time compilation
 
-PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.int64: "*i64",
+       torch.int32: "*i32"}
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,7 @@ class AotSpec:
     constexprs: tuple  # ((arg name, value), ...)
     num_warps: int
     num_stages: int = 3
+    float_args: tuple = ("scale",)  # scalar arguments typed fp32; the other scalars are i32
 
     @property
     def name(self) -> str:
@@ -78,7 +87,7 @@ class AotSpec:
         return f"{fn.__name__}[{ptrs};{cex};warps={self.num_warps},stages={self.num_stages}]"
 
     def signature(self) -> dict:
-        """Triton signature: pointers typed, constexprs marked, ``scale`` fp32, other ints i32."""
+        """Triton signature: pointers typed, constexprs marked, ``float_args`` fp32, other scalars i32."""
         ptrs, cex = dict(self.ptr_dtypes), dict(self.constexprs)
         sig = {}
         for arg in self.kernel.arg_names:
@@ -86,7 +95,7 @@ class AotSpec:
                 sig[arg] = "constexpr"
             elif arg in ptrs:
                 sig[arg] = PTR[ptrs[arg]]
-            elif arg == "scale":
+            elif arg in self.float_args:
                 sig[arg] = "fp32"
             else:
                 sig[arg] = "i32"
