@@ -7,6 +7,8 @@ ops run on the pure-torch reference instead.
 
 Environment switches:
   SLAO_NO_EXTENSION=1   skip the C++ build entirely.
+  SLAO_PORTABLE=1       build without -march=native (for a binary that runs
+                        on another CPU than the one that built it).
 """
 
 import os
@@ -33,11 +35,13 @@ def _extension_build():
     sources = sorted(
         os.path.join("csrc", f) for f in os.listdir(os.path.join(here, "csrc")) if f.endswith(".cpp")
     )
-    cxx_flags = ["-O3", "-std=c++17"]
+    # -fopenmp: at::parallel_for is a header template that runs serially unless
+    # the extension itself is compiled with OpenMP (torch links the same runtime).
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
     if os.environ.get("SLAO_PORTABLE") != "1":
         # Built where it runs (a source install), so use every vector unit this CPU has.
         cxx_flags.append("-march=native")
-    ext = CppExtension(f"{NAME}._C", sources, extra_compile_args={"cxx": cxx_flags})
+    ext = CppExtension(f"{NAME}._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
 
     class OptionalBuildExtension(BuildExtension):
         """Build the kernels, but never fail the install over them: the package
