@@ -47,6 +47,8 @@ LIB.define(
 
 LIB.define("scaled_merge_(Tensor(a!)[] merged, Tensor[] fine_tuned, float lam, bool check_finite) -> ()")
 
+LIB.define("orthonormalize_rows(Tensor A) -> (Tensor, Tensor)")
+
 
 def compute_dtype(x_dtype: torch.dtype, lora_dtype: torch.dtype) -> torch.dtype:
     """dtype the low-rank path is computed in: the promotion of activations and
@@ -77,6 +79,11 @@ def _lora_linear_backward_fake(grad_out, grad_act, x, weight, lora_A, lora_B, lo
 @torch.library.register_fake("slao::scaled_merge_")
 def _scaled_merge_fake(merged, fine_tuned, lam, check_finite):
     return None
+
+
+@torch.library.register_fake("slao::orthonormalize_rows")
+def _orthonormalize_rows_fake(A):
+    return torch.empty_like(A), A.new_empty((A.shape[0],), dtype=torch.bool)
 
 
 def _load_native() -> bool:

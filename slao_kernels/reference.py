@@ -78,3 +78,15 @@ def scaled_merge_ref(merged, fine_tuned, lam, check_finite):
         results.append(out)
     for m, out in zip(merged, results):
         m.copy_(out)
+
+
+def orthonormalize_rows_ref(A):
+    """``slao::orthonormalize_rows``: Householder QR of each ``Aᵀ`` in fp64, signs
+    fixed so ``diag(R) > 0`` (sign(0) = +1); returns ``(Qᵀ in A.dtype, rank_deficient)``."""
+    Q, R = torch.linalg.qr(A.to(torch.float64).transpose(-1, -2))  # (b, n, r), (b, r, r)
+    diag = torch.diagonal(R, dim1=-2, dim2=-1)
+    signs = torch.where(diag < 0, -1.0, 1.0).to(Q.dtype)
+    scale = R.abs().amax(dim=(-2, -1), keepdim=True).squeeze(-1).clamp_min(1e-300)
+    eps = torch.finfo(torch.promote_types(A.dtype, torch.float32)).eps  # rank at the precision computed in
+    deficient = (diag.abs() <= A.shape[-1] * eps * scale).any(dim=-1)
+    return (Q * signs.unsqueeze(-2)).transpose(-1, -2).to(A.dtype).contiguous(), deficient

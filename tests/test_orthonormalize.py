@@ -1,0 +1,111 @@
+"""slao::orthonormalize_rows against an fp64 Householder reference: accuracy by
+condition number, the stable path, rank deficiency, zero input, dtypes, lists."""
+
+import warnings
+
+import pytest
+import torch
+
+import slao_kernels
+from slao_kernels.reference import orthonormalize_rows_ref
+
+
+def with_condition(b, r, n, cond, dtype=torch.float32, seed=0):
+    """b random r×n matrices with singular values spread log-evenly over [1/cond, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(b, r, r, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(b, n, r, generator=g, dtype=torch.float64))[0]
+    s = torch.logspace(0, -torch.log10(torch.tensor(float(cond))).item(), r, dtype=torch.float64)
+    return ((U * s) @ V.transpose(1, 2)).to(dtype)
+
+
+def orthonormality_error(Q):
+    Q = Q.double()
+    return (Q @ Q.transpose(-1, -2) - torch.eye(Q.shape[-2], dtype=torch.float64)).abs().amax().item()
+
+
+@pytest.mark.parametrize("cond", [1.0, 1e1, 1e2, 1e3])
+@pytest.mark.parametrize("r,n", [(1, 70), (8, 70), (16, 512), (64, 200)])
+def test_matches_fp64_householder_up_to_cond_1e3(cond, r, n):
+    """‖Q − Q_ref‖ (max entry) ≤ 1e-5 for cond ≤ 1e3: fp32 arithmetic gives ~cond·2^-24 ≈ 6e-5 in the
+    worst case, and 1e-5 in practice because the Gram matrices and Cholesky factors are fp64."""
+    A = with_condition(6, r, n, cond)
+    Q = slao_kernels.orthonormalize_rows(A)
+    Q_ref = orthonormalize_rows_ref(A.double())[0]
+    assert Q.dtype == A.dtype and Q.shape == A.shape
+    assert (Q.double() - Q_ref).abs().amax().item() <= 1e-5
+    assert orthonormality_error(Q) <= 1e-5
+
+
+@pytest.mark.parametrize("cond", [1e4, 1e5, 1e6, 1e7])
+def test_ill_conditioned_stays_orthonormal(cond):
+    """Beyond CholeskyQR2's range the check routes matrices to Householder: still orthonormal rows,
+    still the sign-fixed factor (diag(Q·Aᵀ) = diag(R) > 0)."""
+    A = with_condition(6, 16, 300, cond)
+    Q = slao_kernels.orthonormalize_rows(A)
+    assert orthonormality_error(Q) <= 1e-5
+    diag_R = torch.diagonal(Q.double() @ A.double().transpose(1, 2), dim1=-2, dim2=-1)
+    assert (diag_R > 0).all()
+
+
+def test_rank_deficient_and_zero_input_complete_the_basis_with_a_warning():
+    A = torch.randn(3, 4, 50)
+    A[0, 2] = A[0, 0] + A[0, 1]  # rank 3
+    A[1] = 0.0  # rank 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Q = slao_kernels.orthonormalize_rows(A)
+    messages = [str(w.message) for w in caught if "rank-deficient" in str(w.message)]
+    assert len(messages) == 1 and "A[0] is, A[1] is rank-deficient" in messages[0], messages
+    assert orthonormality_error(Q) <= 1e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(slao_kernels.orthonormalize_rows(A), Q)  # deterministic
+    # The full-rank part of the span is kept: rows 0 and 1 of A[0] lie in span(Q[0]).
+    P = Q[0].double().t() @ Q[0].double()
+    torch.testing.assert_close(A[0, :2].double() @ P, A[0, :2].double())
+    torch.testing.assert_close(Q[1].double() @ Q[1].double().t(), torch.eye(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_dtypes(dtype):
+    A = with_condition(4, 8, 64, 10.0, dtype)
+    Q = slao_kernels.orthonormalize_rows(A)
+    assert Q.dtype == dtype
+    Q_ref = orthonormalize_rows_ref(A.double())[0]
+    tol = 1e-12 if dtype == torch.float64 else torch.finfo(dtype).eps  # one rounding to the output dtype
+    assert (Q.double() - Q_ref).abs().amax().item() <= tol
+
+
+def test_sign_convention_matches_linalg_qr_with_positive_diagonal():
+    A = torch.randn(5, 6, 40, dtype=torch.float64)
+    Q = slao_kernels.orthonormalize_rows(A)
+    R = Q @ A.transpose(1, 2)  # = R of Aᵀ = Q·R, upper triangular
+    assert (torch.diagonal(R, dim1=-2, dim2=-1) > 0).all()
+    torch.testing.assert_close(torch.tril(R, diagonal=-1), torch.zeros_like(R), atol=1e-12, rtol=0)
+
+
+def test_list_of_mixed_shapes_keeps_order():
+    mats = [torch.randn(4, 64), torch.randn(4, 32), torch.randn(4, 64, dtype=torch.float64), torch.randn(4, 64)]
+    out = slao_kernels.orthonormalize_rows(mats)
+    assert [tuple(q.shape) for q in out] == [tuple(m.shape) for m in mats]
+    for m, q in zip(mats, out):
+        torch.testing.assert_close(q.double(), orthonormalize_rows_ref(m.double()[None])[0][0], atol=1e-5, rtol=0)
+
+
+def test_single_matrix_and_opcheck():
+    A = torch.randn(4, 20)
+    assert slao_kernels.orthonormalize_rows(A).shape == (4, 20)
+    torch.library.opcheck(torch.ops.slao.orthonormalize_rows.default, (torch.randn(3, 4, 20),))
+
+
+@pytest.mark.parametrize("A,exc,match", [
+    (torch.randn(5, 4), ValueError, "more rows than columns"),
+    (torch.randn(2, 2, 4, 5), ValueError, r"\(r, n\) or \(batch, r, n\)"),
+    (torch.randint(0, 3, (2, 5)), TypeError, "floating-point"),
+    ([torch.randn(2, 5), torch.randn(1, 2, 5)], ValueError, r"A\[1\] must be a 2-D"),
+    (torch.randn(0, 5), ValueError, "has no rows"),
+])
+def test_bad_input(A, exc, match):
+    with pytest.raises(exc, match=match):
+        slao_kernels.orthonormalize_rows(A)
