@@ -27,13 +27,7 @@ def test_lora_linear(benchmark, shape, provider, mode):
     benchmark.group = f"lora_linear {shape.name} {mode}"
     benchmark.extra_info.update(device=DEVICE, tokens=shape.tokens, in_features=shape.in_features,
                                 out_features=shape.out_features, rank=shape.rank, dtype=str(shape.dtype))
-
-    def timed(*args):
-        run(*args)
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-
-    benchmark.pedantic(timed, setup=lambda: (setup(), {}), rounds=20, warmup_rounds=3)
+    benchmark.pedantic(bench.synchronized(run, DEVICE), setup=lambda: (setup(), {}), rounds=20, warmup_rounds=3)
 
 
 def _ratios(shape, mode, device, rounds=60):
@@ -65,7 +59,7 @@ def test_gpu_targets_llama3_8b_up_proj(benchmark):
     benchmark.extra_info.update(gpu=torch.cuda.get_device_name(), fwd_vs_base=round(fwd["base"], 3),
                                 full_vs_base=round(full["base"], 3), full_vs_eager=round(full["eager"], 3))
     setup, run = bench.make_case(shape, "slao", "full", "cuda")
-    benchmark.pedantic(lambda: (run(), torch.cuda.synchronize()), rounds=10)
+    benchmark.pedantic(bench.synchronized(run, "cuda"), rounds=10)
     assert fwd["base"] <= 1.05, f"forward slao/base = {fwd['base']:.3f} ({t_fwd})"
     assert full["base"] <= 1.10, f"full slao/base = {full['base']:.3f} ({t_full})"
     assert full["eager"] <= 1 / 1.3, f"full slao/eager = {full['eager']:.3f} ({t_full})"

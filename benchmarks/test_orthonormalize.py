@@ -34,13 +34,7 @@ def cases():
 def test_orthonormalize_rows(benchmark, provider):
     _, run = cases()[provider]
     benchmark.group = f"orthonormalize_rows {SHAPE}"
-
-    def timed():
-        run()
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-
-    benchmark.pedantic(timed, rounds=10, warmup_rounds=2)
+    benchmark.pedantic(bench.synchronized(run, DEVICE), rounds=10, warmup_rounds=2)
 
 
 @pytest.mark.target

@@ -41,13 +41,7 @@ def cases():
 def test_scaled_merge(benchmark, provider):
     _, run = cases()[provider]
     benchmark.group = f"scaled_merge {LAYERS}x{ROWS}x{COLS} {DTYPE}"
-
-    def timed():
-        run()
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-
-    benchmark.pedantic(timed, rounds=20, warmup_rounds=3)
+    benchmark.pedantic(bench.synchronized(run, DEVICE), rounds=20, warmup_rounds=3)
 
 
 @pytest.mark.target

@@ -152,6 +152,16 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def synchronized(run: Callable, device: str) -> Callable:
+    """``run`` followed by a device synchronization, so a timer measures the work, not its launch."""
+
+    def timed(*args):
+        run(*args)
+        _sync(device)
+
+    return timed
+
+
 def time_interleaved(cases: dict, device: str, rounds: int = 50, warmup: int = 5,
                      min_round_s: float = 0.02) -> dict[str, float]:
     """Median seconds per call of each ``name -> (setup, run)`` case, timed round-robin.
