@@ -1,0 +1,193 @@
+r"""The SLAO controller: one LoRA adapter per layer across a stream of tasks.
+
+DESIGN.md §1, "Merge before Forget" (arXiv 2512.23017). For task i (1-based):
+
+* ``begin_task()``: task 1 keeps the fresh adapter (A Kaiming-uniform, B = 0).
+  Task i ≥ 2 initializes, per layer, ``A ← Qᵀ`` with ``QR(A_ft,i−1ᵀ)`` sign-fixed
+  (``init="orthogonal"``) and ``B ← B_ft,i−1`` (the previous *fine-tuned* B).
+* the caller fine-tunes A and B on task i (a new optimizer per task, see below);
+* ``end_task()``: ``A_merge,i = A_ft,i`` and
+  ``B_merge,i = B_merge,i−1 + λ(i)·(B_ft,i − B_merge,i−1)`` with ``λ(i) = 1/√i``
+  (λ(1) = 1, exactly). Afterwards the model holds the merged adapter, ready
+  for evaluation and inference.
+
+Memory is constant in the number of tasks: besides the adapter in the model,
+one B-sized buffer per layer (holding ``B_ft`` between tasks and ``B_merge``
+during training; the two are exchanged by swapping tensors, not copying), plus
+one A-sized buffer per layer for the ablations that merge A.
+
+Ablations (the paper's table, and the ``last_ft`` control of an independent
+reproduction): ``init`` ∈ {"orthogonal", "last_ft", "last_merge", "random"},
+``merge`` ∈ {"B", "A", "AB", "none"}, ``lam`` ∈ {"inv_sqrt", "inv", float c}.
+
+Optimizers: create a new one after every ``begin_task()``. Adam's moments
+from task i−1 describe parameters that ``begin_task`` has just replaced
+(orthonormalized A, the fine-tuned B); carrying them over would apply stale
+momentum to the new task's first steps. The parameters keep their identity
+across tasks, so ``[p for p in model.parameters() if p.requires_grad]`` is
+always the right list.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from slao_kernels.nn import LoRALinear
+from slao_kernels.ops.orthonormalize import orthonormalize_rows
+from slao_kernels.ops.scaled_merge import scaled_merge_
+from slao_kernels.patching import lora_modules
+
+INITS = ("orthogonal", "last_ft", "last_merge", "random")
+MERGES = ("B", "A", "AB", "none")
+LAMBDAS = ("inv_sqrt", "inv")
+
+
+def merge_weight(lam, task: int) -> float:
+    """λ(task) for a schedule: ``"inv_sqrt"`` 1/√i, ``"inv"`` 1/i, or a constant; λ(1) = 1 always."""
+    if task == 1:
+        return 1.0
+    if lam == "inv_sqrt":
+        return 1.0 / math.sqrt(task)
+    if lam == "inv":
+        return 1.0 / task
+    return float(lam)
+
+
+class SLAO:
+    """Continual learning with one LoRA per layer: orthogonal init, time-scaled B merge.
+
+    Args:
+        model: a model patched with :func:`slao_kernels.patch_llama` (or holding
+            :class:`~slao_kernels.LoRALinear` modules some other way).
+        lam: merge schedule, ``"inv_sqrt"`` (SLAO), ``"inv"``, or a constant in (0, 1].
+        init: initialization for task i ≥ 2 (see the module docstring).
+        merge: which factor is merged across tasks.
+
+    Example::
+
+        slao = SLAO(model)
+        for task in tasks:
+            slao.begin_task()
+            opt = torch.optim.AdamW(slao.parameters(), lr=1e-4)   # new optimizer per task
+            train(model, task, opt)
+            slao.end_task()                                      # model now holds the merged adapter
+            evaluate(model)
+    """
+
+    def __init__(self, model: nn.Module, lam="inv_sqrt", init: str = "orthogonal", merge: str = "B"):
+        if not (lam in LAMBDAS or (isinstance(lam, (int, float)) and not isinstance(lam, bool)
+                                   and 0.0 < float(lam) <= 1.0)):
+            raise ValueError(f"lam must be one of {LAMBDAS} or a constant in (0, 1], got {lam!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if merge not in MERGES:
+            raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+        self.modules: dict[str, LoRALinear] = lora_modules(model)
+        if not self.modules:
+            raise ValueError("SLAO needs a model with LoRA adapters: call slao_kernels.patch_llama(model, config) first")
+        merged = [n for n, m in self.modules.items() if m.merged]
+        if merged:
+            raise ValueError(f"SLAO needs unmerged adapters; {merged[:3]} are merged into their base weights")
+        self.model = model
+        self.lam, self.init, self.merge = lam, init, merge
+        self.task_index = 0  # tasks begun so far; the current (or last) task is number task_index
+        self.in_task = False
+        # The one buffer per layer (see the module docstring), allocated at the first end_task().
+        self._b_other: dict[str, torch.Tensor] = {}
+        self._a_other: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ the two hooks
+
+    @torch.no_grad()
+    def begin_task(self) -> int:
+        """Initialize the adapter for the next task; returns its 1-based index."""
+        if self.in_task:
+            raise RuntimeError(f"begin_task(): task {self.task_index} has not ended; call end_task() first")
+        self.task_index += 1
+        self.in_task = True
+        if self.task_index == 1:
+            return 1  # the fresh adapter of patch_llama (A Kaiming-uniform, B = 0)
+        layers = list(self.modules.values())
+        names = list(self.modules)
+        # Save the merged factors, put the fine-tuned ones (or the init) in the model.
+        if self.init == "last_merge":  # train on from the merged adapter; remember it for the merge
+            for n, m in zip(names, layers):
+                self._b_other[n].copy_(m.lora_B)
+                if self.merge in ("A", "AB"):
+                    self._a_other[n].copy_(m.lora_A)
+            return self.task_index
+        for n, m in zip(names, layers):
+            self._swap(m.lora_B, self._b_other, n)  # model: B_ft,i−1; buffer: B_merge,i−1
+            if self.merge in ("A", "AB"):
+                self._swap(m.lora_A, self._a_other, n)  # model: A_ft,i−1; buffer: A_merge,i−1
+        if self.init == "orthogonal":
+            q = orthonormalize_rows([m.lora_A for m in layers])
+            for m, qi in zip(layers, q):
+                m.lora_A.copy_(qi)
+        elif self.init == "random":
+            for m in layers:
+                m.reset_lora_parameters()
+        return self.task_index
+
+    @torch.no_grad()
+    def end_task(self) -> float:
+        """Merge the fine-tuned adapter into the running merge; the model then holds
+        the merged adapter. Returns λ(i) used for this task."""
+        if not self.in_task:
+            raise RuntimeError("end_task(): no task in progress; call begin_task() first")
+        lam = merge_weight(self.lam, self.task_index)
+        names = list(self.modules)
+        layers = list(self.modules.values())
+        if not self._b_other:  # first task: allocate the one buffer per layer
+            self._b_other = {n: torch.empty_like(m.lora_B) for n, m in zip(names, layers)}
+            if self.merge in ("A", "AB"):
+                self._a_other = {n: torch.empty_like(m.lora_A) for n, m in zip(names, layers)}
+            for n, m in zip(names, layers):  # "merged so far" = this task's result (λ(1) = 1)
+                self._b_other[n].copy_(m.lora_B)
+                if self._a_other:
+                    self._a_other[n].copy_(m.lora_A)
+        # Buffers hold X_merge,i−1; the model holds X_ft,i. Merge into the buffer,
+        # then swap: the model gets X_merge,i, the buffer keeps X_ft,i for the next init.
+        for factor, buffers in (("lora_B", self._b_other), ("lora_A", self._a_other)):
+            if not buffers:
+                continue
+            merges = {"lora_A": "A", "lora_B": "B"}[factor] in self.merge
+            params = [getattr(m, factor) for m in layers]
+            bufs = [buffers[n] for n in names]
+            if merges:
+                scaled_merge_(bufs, [p.detach() for p in params], lam, check_finite=True)
+            else:  # not merged: the model keeps the fine-tuned factor as the "merged" one
+                for b, p in zip(bufs, params):
+                    b.copy_(p)
+            for n, m in zip(names, layers):
+                self._swap(getattr(m, factor), buffers, n)
+        self.in_task = False
+        return lam
+
+    # ------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _swap(param: nn.Parameter, buffers: dict, name: str) -> None:
+        """Exchange a parameter's tensor with its buffer (no copy; the Parameter keeps its identity)."""
+        current = param.data
+        param.data = buffers[name]
+        buffers[name] = current
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The trainable adapter parameters (lora_A and lora_B of every layer)."""
+        for m in self.modules.values():
+            yield m.lora_A
+            yield m.lora_B
+
+    def state_bytes(self) -> int:
+        """Bytes held for SLAO: the adapters in the model plus the controller's buffers."""
+        tensors = [p for p in self.parameters()] + list(self._b_other.values()) + list(self._a_other.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def __repr__(self) -> str:
+        return (f"SLAO(layers={len(self.modules)}, task_index={self.task_index}, in_task={self.in_task}, "
+                f"lam={self.lam!r}, init={self.init!r}, merge={self.merge!r})")
