@@ -8,12 +8,15 @@ Public API:
   LoRAConfig          which projections get an adapter, and its shape
   patch_llama         add adapters to a Hugging Face Llama-family model, in place
   revert              remove them again (optionally merging into the base weights)
-  SLAO                the continual-learning controller (begin_task / end_task)
+  SLAO                the continual-learning controller (begin_task / end_task, save / load)
+  save_peft_adapter   write the adapter in PEFT's format (loads in PEFT and vLLM)
+  load_peft_adapter   read a PEFT-format LoRA adapter into a model
   NATIVE_CPU          whether the C++ CPU kernels are loaded
 """
 
 from slao_kernels._ops import NATIVE_CPU
 from slao_kernels.continual import SLAO
+from slao_kernels.io import load_peft_adapter, save_peft_adapter
 from slao_kernels.nn import LoRALinear
 from slao_kernels.ops.lora_linear import lora_linear
 from slao_kernels.ops.orthonormalize import orthonormalize_rows
@@ -23,4 +26,4 @@ from slao_kernels.patching import LoRAConfig, patch_llama, revert
 __version__ = "0.1.0"
 
 __all__ = ["NATIVE_CPU", "SLAO", "LoRAConfig", "LoRALinear", "__version__", "lora_linear", "orthonormalize_rows",
-           "patch_llama", "revert", "scaled_merge_"]
+           "load_peft_adapter", "patch_llama", "revert", "save_peft_adapter", "scaled_merge_"]

@@ -188,6 +188,61 @@ class SLAO:
         tensors = [p for p in self.parameters()] + list(self._b_other.values()) + list(self._a_other.values())
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    # ------------------------------------------------------------------ checkpoints
+
+    def _layer_meta(self) -> dict:
+        return {n: {"rank": m.rank, "alpha": m.alpha, "rslora": m.rslora, "in": m.in_features,
+                    "out": m.out_features, "dtype": str(m.lora_A.dtype).replace("torch.", "")}
+                for n, m in self.modules.items()}
+
+    def save(self, directory: str) -> str:
+        """Checkpoint the adapter and the controller state between tasks (crash-safe,
+        see :mod:`slao_kernels.io`). Returns the path of ``slao.json``."""
+        from slao_kernels import __version__
+        from slao_kernels.io import save_checkpoint
+
+        if self.in_task:
+            raise RuntimeError(f"save(): task {self.task_index} is in progress; checkpoint after end_task()")
+        tensors = {}
+        for n, m in self.modules.items():
+            tensors[f"{n}.lora_A"], tensors[f"{n}.lora_B"] = m.lora_A, m.lora_B
+            if n in self._b_other:
+                tensors[f"{n}.buffer_B"] = self._b_other[n]
+            if n in self._a_other:
+                tensors[f"{n}.buffer_A"] = self._a_other[n]
+        meta = {"library_version": __version__, "task_index": self.task_index,
+                "slao": {"lam": self.lam, "init": self.init, "merge": self.merge}, "layers": self._layer_meta()}
+        return save_checkpoint(directory, tensors, meta)
+
+    @classmethod
+    def load(cls, model: nn.Module, directory: str) -> "SLAO":
+        """Resume from :meth:`save`: a controller over ``model`` (patched with the same
+        targets, rank and shapes) in the saved state. A missing, corrupted or
+        mismatched checkpoint raises before the model is touched."""
+        from slao_kernels.io import load_checkpoint
+
+        meta, tensors = load_checkpoint(directory)
+        cfg = meta["slao"]
+        slao = cls(model, lam=cfg["lam"], init=cfg["init"], merge=cfg["merge"])
+        saved, ours = meta["layers"], slao._layer_meta()
+        if saved != ours:
+            only_saved = sorted(set(saved) - set(ours))[:3]
+            only_model = sorted(set(ours) - set(saved))[:3]
+            differing = sorted(n for n in set(saved) & set(ours) if saved[n] != ours[n])[:3]
+            raise ValueError(f"SLAO.load: the checkpoint does not fit this model (layers only in the checkpoint: "
+                             f"{only_saved}, only in the model: {only_model}, with other shapes or config: "
+                             f"{[(n, saved[n], ours[n]) for n in differing]})")
+        with torch.no_grad():
+            for n, m in slao.modules.items():
+                m.lora_A.copy_(tensors[f"{n}.lora_A"])
+                m.lora_B.copy_(tensors[f"{n}.lora_B"])
+                if f"{n}.buffer_B" in tensors:
+                    slao._b_other[n] = tensors[f"{n}.buffer_B"].to(m.lora_B.device).clone()
+                if f"{n}.buffer_A" in tensors:
+                    slao._a_other[n] = tensors[f"{n}.buffer_A"].to(m.lora_A.device).clone()
+        slao.task_index = int(meta["task_index"])
+        return slao
+
     def __repr__(self) -> str:
         return (f"SLAO(layers={len(self.modules)}, task_index={self.task_index}, in_task={self.in_task}, "
                 f"lam={self.lam!r}, init={self.init!r}, merge={self.merge!r})")
