@@ -25,9 +25,9 @@ SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 
 def all_specs():
     """Every configuration of every kernel, in a fixed order."""
-    from slao_kernels.ops import lora_linear, scaled_merge
+    from slao_kernels.ops import lora_linear, orthonormalize, scaled_merge
 
-    return [*lora_linear.aot_specs(), *scaled_merge.aot_specs()]
+    return [*lora_linear.aot_specs(), *scaled_merge.aot_specs(), *orthonormalize.aot_specs()]
 
 
 def compile_one(index: int, cc: int) -> dict:

@@ -13,8 +13,12 @@ in fp32 at least; returned in the input dtype.
 CPU: ``csrc/orthonormalize.cpp``: CholeskyQR2 per matrix, in place in the
 output, every result checked (``max|QQᵀ − I| ≤ 1e-5``) and the failures
 (ill-conditioned or rank-deficient) redone by fp64 Householder QR.
-CUDA: the fp64 Householder reference for now; a Triton CholeskyQR2 kernel is
-the next step (issue 3).
+CUDA (Triton): the same algorithm, one program per matrix. The Gram matrices
+are ``tl.dot`` products over column tiles (IEEE fp32), the r×r Cholesky and
+triangular inverse run in registers (column j extracted by a masked
+reduction), and ``X ← L⁻¹·X`` is applied tile by tile in place in an fp32
+workspace. The same checks flag matrices for the host's fp64 Householder
+fallback. Ranks above 64 use the reference.
 """
 
 from __future__ import annotations
@@ -22,14 +26,154 @@ from __future__ import annotations
 import warnings
 
 import torch
+import triton
+import triton.language as tl
 
 from slao_kernels import reference
 from slao_kernels._checks import check_tensor
 from slao_kernels._ops import LIB, NATIVE_CPU
+from slao_kernels.ops._triton import AotSpec, rank_block
 
+ORTHO_TOL = 1e-5  # largest accepted max|QQᵀ − I|, as in csrc/orthonormalize.cpp
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _cholesky_inverse(G, R, R_PAD: tl.constexpr):
+    """``(L⁻¹, ok)`` for ``G = L·Lᵀ`` (R_PAD×R_PAD fp32, valid block R×R); padding acts as identity."""
+    rows = tl.arange(0, R_PAD)
+    cols = tl.arange(0, R_PAD)
+    eye = (rows[:, None] == cols[None, :]).to(tl.float32)
+    G = G + eye * (rows[:, None] >= R).to(tl.float32)
+    L = tl.zeros((R_PAD, R_PAD), dtype=tl.float32)
+    ok = True
+    for j in range(0, R_PAD):  # right-looking Cholesky
+        col = tl.sum(tl.where(cols[None, :] == j, G, 0.0), axis=1)  # G[:, j]
+        d = tl.sum(tl.where(rows == j, col, 0.0), axis=0)  # G[j, j]
+        ok = ok & (d > 0.0)
+        s = tl.sqrt(tl.where(d > 0.0, d, 1.0))
+        lj = tl.where(rows >= j, col / s, 0.0)  # L[:, j]
+        L = tl.where(cols[None, :] == j, lj[:, None], L)
+        G = G - lj[:, None] * lj[None, :]
+    Linv = tl.zeros((R_PAD, R_PAD), dtype=tl.float32)
+    for i in range(0, R_PAD):  # forward substitution, row i of L⁻¹ from rows < i
+        l_row = tl.sum(tl.where(rows[:, None] == i, L, 0.0), axis=0)  # L[i, :]
+        l_ii = tl.sum(tl.where(cols == i, l_row, 0.0), axis=0)
+        l_ii = tl.where(l_ii != 0.0, l_ii, 1.0)  # a failed factorization (ok = False) stays finite
+        coef = tl.where(cols < i, l_row, 0.0)
+        acc = tl.sum(coef[:, None] * Linv, axis=0)  # Σ_k<i L[i,k]·L⁻¹[k,:]
+        row_i = ((cols == i).to(tl.float32) - acc) / l_ii
+        Linv = tl.where(rows[:, None] == i, row_i[None, :], Linv)
+    return Linv, ok
+
+
+@triton.jit
+def _cholesky_qr2_kernel(
+    a_ptr, q_ptr, ok_ptr,
+    R, N,
+    stride_ab, stride_ar, stride_an, stride_qb, stride_qr, stride_qn,
+    rank_tol,
+    R_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One matrix: q ← CholeskyQR2(a) (fp32), ok ← the result passed every check."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, R_PAD)
+    offs = tl.arange(0, BLOCK_N)
+    row_ok = rows < R
+    a_rows = a_ptr + pid * stride_ab + rows[:, None] * stride_ar
+    q_rows = q_ptr + pid * stride_qb + rows[:, None] * stride_qr
+    ok = True
+    for p in range(0, 2):  # pass 1 reads a, pass 2 reads q; both write q
+        G = tl.zeros((R_PAD, R_PAD), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            mask = row_ok[:, None] & (n0 + offs < N)[None, :]
+            if p == 0:
+                x = tl.load(a_rows + (n0 + offs)[None, :] * stride_an, mask=mask, other=0.0).to(tl.float32)
+            else:
+                x = tl.load(q_rows + (n0 + offs)[None, :] * stride_qn, mask=mask, other=0.0)
+            G = tl.dot(x, tl.trans(x), G, input_precision="ieee")
+        Linv, ok_p = _cholesky_inverse(G, R, R_PAD)
+        ok = ok & ok_p
+        for n0 in range(0, N, BLOCK_N):
+            mask = row_ok[:, None] & (n0 + offs < N)[None, :]
+            if p == 0:
+                x = tl.load(a_rows + (n0 + offs)[None, :] * stride_an, mask=mask, other=0.0).to(tl.float32)
+            else:
+                x = tl.load(q_rows + (n0 + offs)[None, :] * stride_qn, mask=mask, other=0.0)
+            # Column tiles are independent: each is overwritten by its own product.
+            tl.store(q_rows + (n0 + offs)[None, :] * stride_qn, tl.dot(Linv, x, input_precision="ieee"), mask=mask)
+    # Checks: max|QQᵀ − I| and diag(Q·Aᵀ) = diag(R), accurate to ~u·‖A‖.
+    G = tl.zeros((R_PAD, R_PAD), dtype=tl.float32)
+    diag_r = tl.zeros((R_PAD,), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        mask = row_ok[:, None] & (n0 + offs < N)[None, :]
+        q = tl.load(q_rows + (n0 + offs)[None, :] * stride_qn, mask=mask, other=0.0)
+        a = tl.load(a_rows + (n0 + offs)[None, :] * stride_an, mask=mask, other=0.0).to(tl.float32)
+        G = tl.dot(q, tl.trans(q), G, input_precision="ieee")
+        diag_r += tl.sum(q * a, axis=1)
+    cols = tl.arange(0, R_PAD)
+    valid = row_ok[:, None] & (cols < R)[None, :]
+    eye = (rows[:, None] == cols[None, :]).to(tl.float32)
+    err = tl.max(tl.max(tl.where(valid, tl.abs(G - eye), 0.0), axis=1), axis=0)
+    lo = tl.min(tl.where(row_ok, diag_r, float("inf")), axis=0)
+    hi = tl.max(tl.where(row_ok, tl.abs(diag_r), 0.0), axis=0)
+    ok = ok & (err <= 1e-5) & (lo > rank_tol * hi)  # 1e-5: ORTHO_TOL
+    tl.store(ok_ptr + pid, ok.to(tl.int32))
+
+
+# --------------------------------------------------------------------------- launcher
+
+TRITON_MAX_RANK = 64
+NUM_WARPS = 4
+
+
+def _block_n(r_pad: int) -> int:
+    return 128 if r_pad <= 32 else 64  # an r_pad×BLOCK_N fp32 tile stays ≤ 16 KB of registers
+
+
+def orthonormalize_rows_triton(A):
+    """``(Qᵀ, rank_deficient)`` of ``slao::orthonormalize_rows`` on the Triton kernel."""
+    b, r, n = A.shape
+    work = torch.empty((b, r, n), device=A.device, dtype=torch.float32)
+    deficient = torch.zeros((b,), device=A.device, dtype=torch.bool)
+    if work.numel() == 0:
+        return work.to(A.dtype), deficient
+    ok = torch.empty((b,), device=A.device, dtype=torch.int32)
+    r_pad = rank_block(r)
+    rank_tol = n * torch.finfo(torch.float32).eps
+    _cholesky_qr2_kernel[(b,)](
+        A, work, ok, r, n,
+        A.stride(0), A.stride(1), A.stride(2), work.stride(0), work.stride(1), work.stride(2),
+        rank_tol,
+        R_PAD=r_pad, BLOCK_N=_block_n(r_pad), num_warps=NUM_WARPS,
+    )
+    bad = torch.nonzero(ok == 0).flatten()
+    if bad.numel():  # ill-conditioned or rank-deficient: the fp64 Householder path
+        q_bad, deficient_bad = reference.orthonormalize_rows_ref(A.index_select(0, bad))
+        work.index_copy_(0, bad, q_bad.to(torch.float32))
+        deficient.index_copy_(0, bad, deficient_bad)
+    return work.to(A.dtype), deficient
+
+
+def _cuda(A):
+    if A.shape[1] > TRITON_MAX_RANK or A.dtype == torch.float64:
+        return reference.orthonormalize_rows_ref(A)
+    return orthonormalize_rows_triton(A)
+
+
+LIB.impl("orthonormalize_rows", _cuda, "CUDA")
 LIB.impl("orthonormalize_rows", reference.orthonormalize_rows_ref, "CompositeExplicitAutograd")
 if not NATIVE_CPU:
     LIB.impl("orthonormalize_rows", reference.orthonormalize_rows_ref, "CPU")
+
+
+def aot_specs():
+    """Every configuration the launcher can launch on a GPU."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for r_pad in (16, 32, 64):
+            yield AotSpec(_cholesky_qr2_kernel, (("a_ptr", dtype), ("q_ptr", torch.float32), ("ok_ptr", torch.int32)),
+                          (("R_PAD", r_pad), ("BLOCK_N", _block_n(r_pad))), NUM_WARPS, float_args=("rank_tol",))
 
 
 def _check_matrix(name: str, A: torch.Tensor) -> None:
@@ -45,8 +189,9 @@ def _orthonormalize(batch: torch.Tensor, names) -> torch.Tensor:
     Q, deficient = torch.ops.slao.orthonormalize_rows(batch)
     if deficient.any():
         which = [names[i] for i in torch.nonzero(deficient).flatten().tolist()]
-        warnings.warn(f"orthonormalize_rows: {', '.join(which)} rank-deficient; the row basis was completed with a "
-                      "deterministic orthonormal complement", RuntimeWarning, stacklevel=3)
+        verb = "is" if len(which) == 1 else "are"
+        warnings.warn(f"orthonormalize_rows: {', '.join(which)} {verb} numerically rank-deficient; the row basis was "
+                      "completed with a deterministic orthonormal complement", RuntimeWarning, stacklevel=3)
     return Q
 
 
@@ -68,7 +213,7 @@ def orthonormalize_rows(A):
             raise ValueError(f"A must be (r, n) or (batch, r, n), got shape {tuple(A.shape)}")
         _check_matrix("A", A)
         batch = A if A.dim() == 3 else A.unsqueeze(0)
-        out = _orthonormalize(batch, [f"A[{i}] is" for i in range(batch.shape[0])] if A.dim() == 3 else ["A is"])
+        out = _orthonormalize(batch, [f"A[{i}]" for i in range(batch.shape[0])] if A.dim() == 3 else ["A"])
         return out if A.dim() == 3 else out.squeeze(0)
     matrices = list(A)
     groups: dict[tuple, list[int]] = {}
@@ -79,7 +224,7 @@ def orthonormalize_rows(A):
         groups.setdefault((tuple(M.shape), M.dtype, M.device), []).append(i)
     result: list[torch.Tensor | None] = [None] * len(matrices)
     for idx in groups.values():
-        out = _orthonormalize(torch.stack([matrices[i] for i in idx]), [f"A[{i}] is" for i in idx])
+        out = _orthonormalize(torch.stack([matrices[i] for i in idx]), [f"A[{i}]" for i in idx])
         for j, i in enumerate(idx):
             result[i] = out[j]
     return result
