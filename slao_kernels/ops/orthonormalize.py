@@ -34,7 +34,7 @@ from slao_kernels._checks import check_tensor
 from slao_kernels._ops import LIB, NATIVE_CPU
 from slao_kernels.ops._triton import AotSpec, rank_block
 
-ORTHO_TOL = 1e-5  # largest accepted max|QQᵀ − I|, as in csrc/orthonormalize.cpp
+ORTHO_TOL = tl.constexpr(1e-5)  # largest accepted max|QQᵀ − I|, as in csrc/orthonormalize.cpp
 
 # --------------------------------------------------------------------------- kernels
 
@@ -69,6 +69,17 @@ def _cholesky_inverse(G, R, R_PAD: tl.constexpr):
 
 
 @triton.jit
+def _column_tile(a_rows, q_rows, n0, offs, N, row_ok, stride_an, stride_qn, from_a):
+    """``(tile, mask)``: columns [n0, n0 + BLOCK_N) of A (as fp32) when ``from_a``, else of Q."""
+    mask = row_ok[:, None] & (n0 + offs < N)[None, :]
+    if from_a:
+        x = tl.load(a_rows + (n0 + offs)[None, :] * stride_an, mask=mask, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(q_rows + (n0 + offs)[None, :] * stride_qn, mask=mask, other=0.0)
+    return x, mask
+
+
+@triton.jit
 def _cholesky_qr2_kernel(
     a_ptr, q_ptr, ok_ptr,
     R, N,
@@ -87,29 +98,20 @@ def _cholesky_qr2_kernel(
     for p in range(0, 2):  # pass 1 reads a, pass 2 reads q; both write q
         G = tl.zeros((R_PAD, R_PAD), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
-            mask = row_ok[:, None] & (n0 + offs < N)[None, :]
-            if p == 0:
-                x = tl.load(a_rows + (n0 + offs)[None, :] * stride_an, mask=mask, other=0.0).to(tl.float32)
-            else:
-                x = tl.load(q_rows + (n0 + offs)[None, :] * stride_qn, mask=mask, other=0.0)
+            x, _ = _column_tile(a_rows, q_rows, n0, offs, N, row_ok, stride_an, stride_qn, p == 0)
             G = tl.dot(x, tl.trans(x), G, input_precision="ieee")
         Linv, ok_p = _cholesky_inverse(G, R, R_PAD)
         ok = ok & ok_p
         for n0 in range(0, N, BLOCK_N):
-            mask = row_ok[:, None] & (n0 + offs < N)[None, :]
-            if p == 0:
-                x = tl.load(a_rows + (n0 + offs)[None, :] * stride_an, mask=mask, other=0.0).to(tl.float32)
-            else:
-                x = tl.load(q_rows + (n0 + offs)[None, :] * stride_qn, mask=mask, other=0.0)
+            x, mask = _column_tile(a_rows, q_rows, n0, offs, N, row_ok, stride_an, stride_qn, p == 0)
             # Column tiles are independent: each is overwritten by its own product.
             tl.store(q_rows + (n0 + offs)[None, :] * stride_qn, tl.dot(Linv, x, input_precision="ieee"), mask=mask)
     # Checks: max|QQᵀ − I| and diag(Q·Aᵀ) = diag(R), accurate to ~u·‖A‖.
     G = tl.zeros((R_PAD, R_PAD), dtype=tl.float32)
     diag_r = tl.zeros((R_PAD,), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        mask = row_ok[:, None] & (n0 + offs < N)[None, :]
-        q = tl.load(q_rows + (n0 + offs)[None, :] * stride_qn, mask=mask, other=0.0)
-        a = tl.load(a_rows + (n0 + offs)[None, :] * stride_an, mask=mask, other=0.0).to(tl.float32)
+        q, _ = _column_tile(a_rows, q_rows, n0, offs, N, row_ok, stride_an, stride_qn, False)
+        a, _ = _column_tile(a_rows, q_rows, n0, offs, N, row_ok, stride_an, stride_qn, True)
         G = tl.dot(q, tl.trans(q), G, input_precision="ieee")
         diag_r += tl.sum(q * a, axis=1)
     cols = tl.arange(0, R_PAD)
@@ -118,7 +120,7 @@ def _cholesky_qr2_kernel(
     err = tl.max(tl.max(tl.where(valid, tl.abs(G - eye), 0.0), axis=1), axis=0)
     lo = tl.min(tl.where(row_ok, diag_r, float("inf")), axis=0)
     hi = tl.max(tl.where(row_ok, tl.abs(diag_r), 0.0), axis=0)
-    ok = ok & (err <= 1e-5) & (lo > rank_tol * hi)  # 1e-5: ORTHO_TOL
+    ok = ok & (err <= ORTHO_TOL) & (lo > rank_tol * hi)
     tl.store(ok_ptr + pid, ok.to(tl.int32))
 
 
