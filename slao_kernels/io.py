@@ -44,6 +44,12 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it and restore it
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str, write) -> None:
     """Write ``path`` through ``write(fileobj)`` into a temporary file in the same
     directory, fsync, then rename over ``path``: readers see the old or the new
@@ -56,12 +62,18 @@ def write_atomic(path: str, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
         _fsync_dir(directory)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str, payload) -> None:
+    """Write ``payload`` as indented JSON to ``path`` through :func:`write_atomic`."""
+    write_atomic(path, lambda f: f.write(json.dumps(payload, indent=1).encode()))
 
 
 def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> bytes:

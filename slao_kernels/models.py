@@ -41,3 +41,36 @@ def load_default_model(dtype: torch.dtype = torch.float32):
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=dtype)
     return model, tokenizer
+
+
+def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` from a model spec, on CPU:
+
+    * None or ``"default"``: the embedded SmolLM2-135M-Instruct;
+    * a ``.gguf`` file: loaded (and de-quantized) by transformers, tokenizer included;
+    * a directory or a model name: ``from_pretrained`` (a name works only where
+      its files are cached; no download is attempted).
+
+    Raises:
+        FileNotFoundError: the path does not exist, or the model cannot be found.
+    """
+    if spec in (None, "default"):
+        return load_default_model(dtype)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec.endswith(".gguf"):
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f"model file {spec!r} does not exist")
+        directory, gguf = os.path.split(os.path.abspath(spec))
+        return (AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=dtype),
+                AutoTokenizer.from_pretrained(directory, gguf_file=gguf))
+    looks_like_path = os.path.sep in spec or spec.startswith(".")
+    if looks_like_path and not os.path.isdir(spec):
+        raise FileNotFoundError(f"model directory {spec!r} does not exist")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, local_files_only=True)
+    except OSError as e:
+        raise FileNotFoundError(f"cannot load model {spec!r} from local files ({e}); pass a directory with "
+                                f"config.json and weights, or a .gguf file") from None
+    return model, tokenizer
