@@ -56,3 +56,20 @@ def tiny_model(arch="llama", dtype=torch.float32, **overrides):
 
     model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch, **overrides))
     return model.to(dtype).eval()
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (~300 tokens) trained here on task-like text: no model hub needed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from slao_kernels.continual.tasks import GENERATED_RULES
+
+    corpus = [rule.instruction for rule in GENERATED_RULES.values()] * 20
+    corpus += [f"Options: yes, no\nNumber: {n}\nAnswer: {'yes' if n % 2 else 'no'}" for n in range(100, 1000, 7)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=320, special_tokens=["<eos>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
