@@ -71,8 +71,9 @@ setup(
     cmdclass=cmdclass,
     install_requires=["torch>=2.5", "triton>=3.1; platform_system == 'Linux'"],
     extras_require={
-        "hf": ["transformers>=4.45", "safetensors", "datasets", "gguf", "accelerate"],
-        "test": ["pytest", "transformers>=4.45", "safetensors", "gguf", "accelerate"],
+        # matplotlib draws the run's two plots (heatmap, accuracy over time); the run works without it
+        "hf": ["transformers>=4.56", "safetensors", "datasets", "gguf", "accelerate", "matplotlib"],
+        "test": ["pytest", "transformers>=4.56", "safetensors", "datasets", "gguf", "accelerate", "matplotlib"],
         "bench": ["pytest", "pytest-benchmark"],
     },
     entry_points={"console_scripts": ["slao=slao_kernels.cli:main"]},

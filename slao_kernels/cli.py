@@ -131,6 +131,10 @@ def cmd_run(args) -> int:
     if args.strategy not in STRATEGIES:
         raise UsageError(f"unknown strategy {args.strategy!r}; available: {sorted(STRATEGIES)}")
     log = print
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     model, tokenizer, load_s = _load_model(args.model, _device(args.device), log)
     log(f"{args.strategy} over {len(tasks)} tasks: {' -> '.join(t.name for t in tasks)}; "
         f"rank {config.lora.rank} on {','.join(config.lora.targets)}; "
