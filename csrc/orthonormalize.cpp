@@ -2,12 +2,14 @@
 // Qᵀ where Aᵀ = Q·R with diag(R) > 0. SLAO's init for task i ≥ 2: A ← Qᵀ of
 // the previous fine-tuned A.
 //
-// Fast path, CholeskyQR2: twice, G = X·Xᵀ (r×r), L = chol(G), X ← L⁻¹·X.
-// Since Aᵀ = QR gives A·Aᵀ = RᵀR, L = Rᵀ has a positive diagonal, so the
-// result is already the sign-fixed factor (R = R₂R₁ keeps a positive diagonal).
+// Fast path, CholeskyQR(2): G = X·Xᵀ (r×r), L = chol(G), X ← L⁻¹·X, repeated
+// once more only when the Gram matrix of the result is not I to kOrthoTol
+// (that Gram doubles as the next pass's input, see cholesky_qr). Since
+// Aᵀ = QR gives A·Aᵀ = RᵀR, L = Rᵀ has a positive diagonal, so the result is
+// already the sign-fixed factor (R = R₂R₁ keeps a positive diagonal).
 // Each matrix is done whole by one thread, in its slot of the output and one
 // per-thread scratch buffer (256 KB each at r=16, n=4096: they stay in L2
-// through both passes and the check): the Gram matrices and X ← L⁻¹·X as
+// through the passes and the checks): the Gram matrices and X ← L⁻¹·X as
 // GEMMs into those buffers (single-threaded inside the parallel region), the
 // r×r Cholesky and triangular inverse in fp64 by hand. Batched BLAS on whole tensors spent its time
 // allocating and first-touching 58 MB temporaries (a fresh copy of the
@@ -29,7 +31,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
+#include <utility>
 #include <vector>
+
+#include "simd.h"
 
 namespace slao {
 namespace {
@@ -76,34 +82,75 @@ void gram(const Tensor& X, Tensor& G_acc, std::vector<double>& G) {
   std::copy(G64.const_data_ptr<double>(), G64.const_data_ptr<double>() + G64.numel(), G.begin());
 }
 
-// One matrix: CholeskyQR2 from X (a copy of A) into X (through `tmp`), and its
-// checks. False if it needs the stable path. All buffers are the calling thread's.
-bool cholesky_qr2(const Tensor& A, Tensor& X, Tensor& tmp, Tensor& small, std::vector<double>& G,
-                  std::vector<double>& Linv, double rank_tol) {
-  const int64_t r = X.size(0);
-  Tensor src = X, dst = tmp;
-  for (int pass = 0; pass < 2; ++pass) {  // X → tmp → X
-    gram(src, small, G);
+bool near_identity(const std::vector<double>& G, int64_t r) {
+  for (int64_t j = 0; j < r; ++j) {
+    for (int64_t k = 0; k < r; ++k) {
+      if (!(std::abs(G[j * r + k] - (j == k ? 1.0 : 0.0)) <= kOrthoTol)) return false;  // NaN fails too
+    }
+  }
+  return true;
+}
+
+// min and max of diag(X·Aᵀ) = the row dot products ⟨x_j, a_j⟩, in SIMD lanes of
+// scalar_t, summed in fp64 (r·n multiply-adds instead of the r²·n of a GEMM).
+template <typename scalar_t>
+std::pair<double, double> diag_range(const scalar_t* X, const scalar_t* A, int64_t r, int64_t n) {
+  using vec = typename Simd<scalar_t>::type;
+  constexpr int64_t lanes = Simd<scalar_t>::lanes;
+  double lo = INFINITY, hi = 0.0;
+  for (int64_t j = 0; j < r; ++j) {
+    const scalar_t* x = X + j * n;
+    const scalar_t* a = A + j * n;
+    vec acc0 = {}, acc1 = {};  // two chains: the FMA latency is hidden
+    int64_t k = 0;
+    for (; k + 2 * lanes <= n; k += 2 * lanes) {
+      acc0 += load<vec>(x + k) * load<vec>(a + k);
+      acc1 += load<vec>(x + k + lanes) * load<vec>(a + k + lanes);
+    }
+    double d = 0.0;
+    for (int64_t l = 0; l < lanes; ++l) d += static_cast<double>(acc0[l]) + static_cast<double>(acc1[l]);
+    for (; k < n; ++k) d += static_cast<double>(x[k]) * static_cast<double>(a[k]);
+    lo = std::min(lo, d);
+    hi = std::max(hi, std::abs(d));
+  }
+  return {lo, hi};
+}
+
+// One matrix into X: CholeskyQR passes from A (`src`, in the compute dtype:
+// A itself or its conversion in `tmp`) until the Gram matrix of the result is
+// I to kOrthoTol. That Gram is at once the check of this pass and the input of
+// the next, so a well-conditioned A (a random or a fine-tuned LoRA A:
+// cond ≈ 1–10) is done after one pass and three GEMMs; cond up to ~u^(-1/2)
+// takes the second pass (CholeskyQR2), five GEMMs. False if it needs the stable
+// path. All buffers are the calling thread's.
+bool cholesky_qr(const Tensor& A, Tensor src, Tensor& X, Tensor& tmp, Tensor& small, std::vector<double>& G,
+                 std::vector<double>& Linv, double rank_tol) {
+  const int64_t r = X.size(0), n = X.size(1);
+  gram(src, small, G);
+  for (int pass = 0;; ++pass) {
     if (!cholesky_inplace(G.data(), r)) return false;
     invert_lower(G.data(), Linv.data(), r);
     small.copy_(at::from_blob(Linv.data(), {r, r}, at::kDouble));
+    Tensor& dst = pass == 0 ? X : tmp;
     at::mm_out(dst, small, src);
-    std::swap(src, dst);
-  }
-  gram(X, small, G);
-  for (int64_t j = 0; j < r; ++j) {
-    for (int64_t k = 0; k < r; ++k) {
-      if (!(std::abs(G[j * r + k] - (j == k ? 1.0 : 0.0)) <= kOrthoTol)) return false;
-    }
+    if (pass == 1) X.copy_(tmp);
+    gram(X, small, G);
+    if (near_identity(G, r)) break;
+    if (pass == 1) return false;
+    src = X;
   }
   // diag(R) = diag(Q·Aᵀ), accurate to ~u·‖A‖ (the Gram squares the condition
   // number and cannot resolve it): all of it must be clearly positive, else the
   // matrix is numerically rank-deficient, or its signs are noise.
-  tmp.copy_(A);
-  at::mm_out(small, X, tmp.t());
-  const Tensor d = small.diagonal().to(at::kDouble);
-  const double hi = d.abs().max().item<double>();
-  return d.min().item<double>() > rank_tol * hi;
+  if (A.scalar_type() != X.scalar_type() || !A.is_contiguous()) {
+    tmp.copy_(A);  // the compute-dtype copy (pass 2 may have overwritten it)
+  }
+  const Tensor& a = A.scalar_type() == X.scalar_type() && A.is_contiguous() ? A : tmp;
+  double lo, hi;
+  AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "orthonormalize_rows_diag", [&] {
+    std::tie(lo, hi) = diag_range(X.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), r, n);
+  });
+  return lo > rank_tol * hi;
 }
 
 // A: (k, r, n) → (sign-fixed Qᵀ in fp64, which matrices were rank-deficient:
@@ -133,11 +180,14 @@ std::tuple<Tensor, Tensor> orthonormalize_rows_cpu(const Tensor& A) {
     std::vector<double> G(r * r), Linv(r * r);
     Tensor tmp = at::empty({r, n}, Q.options()), small = at::empty({r, r}, Q.options());
     for (int64_t i = i0; i < i1; ++i) {
-      // Converted here, by the thread that works on it: the first touch of
-      // this part of the output, and the matrix is in cache for pass 1.
+      // Pass 1 reads A directly when it is in the compute dtype, else a
+      // conversion in `tmp`, and writes its result into this matrix's slot of
+      // the output: the thread that works on a matrix first-touches its memory.
+      const Tensor Ai = A_c.select(0, i);
       Tensor X = Q.select(0, i);
-      X.copy_(A_c.select(0, i));
-      ok[i] = cholesky_qr2(A_c.select(0, i), X, tmp, small, G, Linv, rank_tol);
+      const bool direct = Ai.scalar_type() == acc;
+      if (!direct) tmp.copy_(Ai);
+      ok[i] = cholesky_qr(Ai, direct ? Ai : tmp, X, tmp, small, G, Linv, rank_tol);
     }
   });
   std::vector<int64_t> bad;
