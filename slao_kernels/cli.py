@@ -102,8 +102,13 @@ def cmd_run(args) -> int:
     from slao_kernels.patching import LoRAConfig
 
     out = os.path.abspath(args.out)
-    if os.path.exists(os.path.join(out, "report.json")) and not args.overwrite:
-        raise UsageError(f"{out} already holds a run's report.json; pass --overwrite or choose another --out")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the run in --out, --overwrite replaces it: pass one of them")
+    if os.path.exists(os.path.join(out, "report.json")) and not (args.overwrite or args.resume):
+        raise UsageError(f"{out} already holds a run's report.json; pass --resume to continue it, --overwrite to "
+                         f"replace it, or choose another --out")
+    if args.resume and not os.path.exists(os.path.join(out, "report.json")):
+        raise UsageError(f"--resume: {out} holds no report.json to continue")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} exists and is not a directory")
     tasks, source = _load_tasks(args)  # before the model: bad task names fail in a second, not after loading
@@ -141,7 +146,7 @@ def cmd_run(args) -> int:
         f"{config.train.total_steps(len(tasks[0].train))} steps per task; writing to {out}")
     report = run_stream(model, tokenizer, tasks, config, out=out, progress=not args.quiet, log=log,
                         extra_report={"model": args.model or "default", "tasks_source": source,
-                                      "model_load_s": load_s})
+                                      "model_load_s": load_s}, resume=args.resume)
     from slao_kernels.io import save_peft_adapter
 
     save_peft_adapter(model, os.path.join(out, "adapter"),
@@ -275,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", default="slao-run", help="output directory (report, plots, checkpoint, adapter)")
     r.add_argument("--overwrite", action="store_true", help="replace the report of an earlier run in --out")
+    r.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (same command "
+                   "otherwise) from its last finished task")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_run)
     e = sub.add_parser("eval", help="evaluate a run's adapter on tasks")

@@ -79,6 +79,8 @@ def test_export_peft_matches_the_run_adapter(run_dir, tmp_path):
     (["run", "--strategy", "seqlora", "--lam", "inv"], "options of the slao strategy"),
     (["run", "--lam", "fast"], "--lam must be inv_sqrt, inv or a number"),
     (["run", "--rank", "0"], "LoRAConfig.rank must be"),
+    (["run", "--resume"], "holds no report.json to continue"),
+    (["run", "--resume", "--overwrite"], "pass one of them"),
     (["eval", "/nonexistent/run"], "is not a run directory"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(argv, message, tmp_path, capsys):

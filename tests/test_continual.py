@@ -378,3 +378,41 @@ def test_callback_clears_a_reused_optimizer():
     with pytest.raises(TypeError, match="SLAO controller"):
         SLAOCallback(model)
 
+
+
+def test_resuming_an_interrupted_run_reproduces_the_uninterrupted_one(tmp_path, tokenizer, monkeypatch):
+    from slao_kernels.continual import runner
+    from slao_kernels.patching import lora_modules
+
+    tasks = generated_suite("large,small,last_big", train_size=16, test_size=8)
+    config = _tiny_run_config(strategy_options={"init": "random"})  # the init that draws random numbers
+    quiet = dict(progress=False, log=lambda s: None)
+    torch.manual_seed(0)
+    whole_model = _model(tokenizer)
+    whole = run_stream(whole_model, tokenizer, tasks, config, out=str(tmp_path / "whole"), **quiet)
+
+    real_train, calls = runner.train_task, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "train_task", interrupted)
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        run_stream(_model(tokenizer), tokenizer, tasks, config, out=str(tmp_path / "cut"), **quiet)
+    monkeypatch.setattr(runner, "train_task", real_train)
+    torch.manual_seed(0)
+    resumed_model = _model(tokenizer)  # a fresh process: the base model, nothing else
+    resumed = run_stream(resumed_model, tokenizer, tasks, config, out=str(tmp_path / "cut"), resume=True, **quiet)
+    assert resumed["resumed_after_task"] == 2
+    assert resumed["accuracy_matrix"] == whole["accuracy_matrix"] and resumed["losses"] == whole["losses"]
+    for (n, a), b in zip(lora_modules(whole_model).items(), lora_modules(resumed_model).values()):
+        assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B), n
+    other = _tiny_run_config(strategy_options={"init": "orthogonal"})
+    with pytest.raises(ValueError, match="other settings"):
+        run_stream(_model(tokenizer), tokenizer, tasks, other, out=str(tmp_path / "cut"), resume=True, **quiet)
+    with pytest.raises(ValueError, match="is a run over"):
+        run_stream(_model(tokenizer), tokenizer, tasks[:2], config, out=str(tmp_path / "cut"), resume=True, **quiet)

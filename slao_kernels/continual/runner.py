@@ -14,6 +14,7 @@ last consistent state, never a torn file)::
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
@@ -28,7 +29,7 @@ from slao_kernels.continual.metrics import cl_metrics
 from slao_kernels.continual.prompts import PromptEncoder
 from slao_kernels.continual.strategies import make_strategy
 from slao_kernels.continual.tasks import Task
-from slao_kernels.continual.train import TrainConfig, train_task
+from slao_kernels.continual.train import TrainConfig, hash_name, train_task
 from slao_kernels.patching import LLAMA_PROJECTIONS, LoRAConfig, patch_llama
 
 
@@ -73,15 +74,41 @@ def _eval_all(model, encoder, tasks, config: RunConfig, desc: str, progress: boo
                 for t in tasks]
 
 
+def _resumable(out: str, names: list[str], config: dict) -> dict:
+    """The report of an interrupted run in ``out`` that this run continues (checked to match)."""
+    path = os.path.join(out, "report.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"nothing to resume: {path} does not exist")
+    with open(path) as f:
+        report = json.load(f)
+    if report.get("tasks") != names:
+        raise ValueError(f"cannot resume: {path} is a run over {report.get('tasks')}, not {names}")
+    saved = {k: v for k, v in report["config"].items() if k not in RUN_SPECIFIC}
+    ours = {k: v for k, v in config.items() if k not in RUN_SPECIFIC}
+    if saved != ours:
+        differ = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
+        raise ValueError(f"cannot resume: the run in {out} has other settings ({', '.join(differ)})")
+    return report
+
+
+# report["config"] entries that may differ between a run and its resumption
+RUN_SPECIFIC = ("model_load_s",)
+
+
 def run_stream(model: nn.Module, tokenizer, tasks: Sequence[Task], config: RunConfig = RunConfig(),
                out: str | None = None, progress: bool = True, log: Callable[[str], None] = print,
-               extra_report: dict | None = None) -> dict:
+               extra_report: dict | None = None, resume: bool = False) -> dict:
     """Train ``model`` on ``tasks`` in order with ``config.strategy``; returns the report.
 
     The model is patched with ``config.lora`` (in place) unless it already
     carries those adapters. With ``out``, the report, checkpoint and plots are
     written there (see the module docstring), the report after every task.
     ``extra_report`` is merged into the report's ``config`` (model and data sources).
+
+    ``resume=True`` continues an interrupted run in ``out`` (same tasks, same
+    settings, checked) from its checkpoint after the last finished task. Each
+    task starts from a seed of its own, so a resumed run reproduces the
+    uninterrupted one bit for bit.
     """
     tasks = list(tasks)
     if not tasks:
@@ -112,12 +139,26 @@ def run_stream(model: nn.Module, tokenizer, tasks: Sequence[Task], config: RunCo
             write_json_atomic(os.path.join(out, "report.json"), report)
 
     start = time.perf_counter()
-    t0 = time.perf_counter()
-    report["zero_shot"] = _eval_all(model, encoder, tasks, config, "zero-shot eval", progress)
-    report["timings"]["zero_shot_eval_s"] = time.perf_counter() - t0
-    log("zero-shot accuracy: " + ", ".join(f"{n} {a:.3f}" for n, a in zip(names, report["zero_shot"])))
-    save_report()
+    done = 0
+    if resume:
+        if out is None:
+            raise ValueError("resume=True needs the output directory of the run to continue")
+        report = _resumable(out, names, report["config"])
+        done = len(report["accuracy_matrix"])
+        if done:
+            strategy.load(os.path.join(out, "checkpoint"))
+        report["resumed_after_task"] = done
+        log(f"resuming {out}: {done} of {len(tasks)} tasks done")
+    if report["zero_shot"] is None:
+        t0 = time.perf_counter()
+        report["zero_shot"] = _eval_all(model, encoder, tasks, config, "zero-shot eval", progress)
+        report["timings"]["zero_shot_eval_s"] = time.perf_counter() - t0
+        log("zero-shot accuracy: " + ", ".join(f"{n} {a:.3f}" for n, a in zip(names, report["zero_shot"])))
+        save_report()
     for i, task in enumerate(tasks):
+        if i < done:
+            continue
+        torch.manual_seed(hash_name(f"{config.seed}:task {i}"))  # per task: a resumed run draws the same numbers
         t0 = time.perf_counter()
         strategy.begin_task(task)
         t1 = time.perf_counter()
@@ -141,7 +182,7 @@ def run_stream(model: nn.Module, tokenizer, tasks: Sequence[Task], config: RunCo
         save_report()
     R = report["accuracy_matrix"]
     report.update(cl_metrics(R, report["zero_shot"]))
-    report["timings"]["total_s"] = time.perf_counter() - start
+    report["timings"]["total_s"] = time.perf_counter() - start  # of this process: after a resume, the rest only
     report["status"] = "complete"
     if out is not None:
         from slao_kernels.continual.report import plot_report

@@ -8,7 +8,7 @@ A strategy owns what happens to the adapters around each task's training:
 * ``end_task(task)`` — merge / freeze / consolidate; afterwards the model is
   what gets evaluated;
 * ``state_bytes()`` — adapter memory held, reported per task;
-* ``save(dir)`` — a checkpoint of its state between tasks.
+* ``save(dir)`` / ``load(dir)`` — a checkpoint of its state between tasks.
 
 Strategies here:
 
@@ -67,6 +67,23 @@ class Strategy:
         tensors = {f"{n}.{f}": getattr(m, f) for n, m in self.modules.items() for f in ("lora_A", "lora_B")}
         save_checkpoint(directory, tensors, {"strategy": self.name})
 
+    def load(self, directory: str) -> None:
+        """Restore the state written by :meth:`save` (verified before the model is touched)."""
+        from slao_kernels.io import load_checkpoint
+
+        meta, tensors = load_checkpoint(directory)
+        if meta.get("strategy") != self.name:
+            raise ValueError(f"{directory} holds a {meta.get('strategy')!r} checkpoint, not {self.name!r}")
+        for n, m in self.modules.items():
+            for f in ("lora_A", "lora_B"):
+                t = tensors.get(f"{n}.{f}")
+                if t is None or t.shape != getattr(m, f).shape:
+                    raise ValueError(f"{directory}: {n}.{f} is missing or has another shape than the model's")
+        with torch.no_grad():
+            for n, m in self.modules.items():
+                m.lora_A.copy_(tensors[f"{n}.lora_A"])
+                m.lora_B.copy_(tensors[f"{n}.lora_B"])
+
     def config(self) -> dict:
         """The options this strategy was built with (for the report)."""
         return {}
@@ -95,6 +112,13 @@ class SLAOStrategy(Strategy):
 
     def save(self, directory: str) -> None:
         self.slao.save(directory)
+
+    def load(self, directory: str) -> None:
+        loaded = SLAO.load(self.model, directory)
+        if (loaded.lam, loaded.init, loaded.merge) != (self.slao.lam, self.slao.init, self.slao.merge):
+            raise ValueError(f"{directory} was written by SLAO(lam={loaded.lam!r}, init={loaded.init!r}, "
+                             f"merge={loaded.merge!r}), not {self.slao!r}")
+        self.slao = loaded
 
     def config(self) -> dict:
         return {"lam": self.slao.lam, "init": self.slao.init, "merge": self.slao.merge}
