@@ -1,6 +1,6 @@
 """The ``slao`` command (also ``python -m slao_kernels``).
 
-    slao run [--model M] [--data DIR] [--order a,b,c] [--strategy slao] [--out DIR] ...
+    slao run [--model M] [--data DIR] [--order a,b,c] [--strategy slao] [--out DIR] [--resume] ...
                                          continual learning over a task stream: accuracy matrix,
                                          AA/BWT/FWT/forgetting, report.json, plots, checkpoint, adapter
     slao eval RUN_DIR [--data DIR] [--order ...]
