@@ -203,8 +203,63 @@ std::tuple<Tensor, Tensor> orthonormalize_rows_cpu(const Tensor& A) {
   return {Q.to(A.scalar_type()), deficient};
 }
 
+// In place over a list of (r, n) matrices of any shapes and dtypes (SLAO's
+// A parameters, one per layer): no output allocation, no stacking. Each
+// matrix is computed into its thread's buffer from the intact original (which
+// the rank check and the stable path still need) and copied back on success.
+// Returns which matrices were rank-deficient.
+Tensor orthonormalize_rows_inplace_cpu(at::TensorList As) {
+  const int64_t k = static_cast<int64_t>(As.size());
+  for (int64_t i = 0; i < k; ++i) {
+    const Tensor& M = As[i];
+    TORCH_CHECK_VALUE(M.dim() == 2, "orthonormalize_rows_: A[", i, "] must be (r, n), got ", M.sizes());
+    TORCH_CHECK_VALUE(M.size(0) <= M.size(1), "orthonormalize_rows_: A[", i, "] has more rows than columns (",
+                      M.sizes(), ")");
+    TORCH_CHECK_VALUE(M.is_contiguous(), "orthonormalize_rows_: A[", i, "] must be contiguous");
+  }
+  std::vector<uint8_t> ok(k, 0);
+  at::parallel_for(0, k, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<double> G, Linv;
+    Tensor X, tmp, small;  // the thread's buffers, reallocated when the shape or dtype changes
+    for (int64_t i = i0; i < i1; ++i) {
+      const Tensor& M = As[i];
+      const int64_t r = M.size(0), n = M.size(1);
+      if (M.numel() == 0) {
+        ok[i] = 1;
+        continue;
+      }
+      const auto acc = at::promote_types(M.scalar_type(), at::kFloat);
+      if (!X.defined() || X.size(0) != r || X.size(1) != n || X.scalar_type() != acc) {
+        const auto opts = M.options().dtype(acc);
+        X = at::empty({r, n}, opts), tmp = at::empty({r, n}, opts), small = at::empty({r, r}, opts);
+        G.assign(r * r, 0.0), Linv.assign(r * r, 0.0);
+      }
+      const double rank_tol =
+          static_cast<double>(n) * (acc == at::kDouble ? 2.220446049250313e-16 : 1.1920928955078125e-7);
+      const bool direct = M.scalar_type() == acc;
+      if (!direct) tmp.copy_(M);
+      ok[i] = cholesky_qr(M, direct ? M : tmp, X, tmp, small, G, Linv, rank_tol);
+      if (ok[i]) M.copy_(X);
+    }
+  });
+  Tensor deficient = at::zeros({k}, at::TensorOptions().dtype(at::kBool));
+  for (int64_t i = 0; i < k; ++i) {
+    if (ok[i]) continue;
+    const Tensor& M = As[i];
+    const double tol = static_cast<double>(M.size(1)) *
+                       (M.scalar_type() == at::kDouble ? 2.220446049250313e-16 : 1.1920928955078125e-7);
+    auto [Qh, rank_deficient] = householder_rows(M.unsqueeze(0), tol);
+    M.copy_(Qh.squeeze(0));
+    deficient[i] = rank_deficient[0];
+  }
+  return deficient;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(slao, CPU, m) { m.impl("orthonormalize_rows", &orthonormalize_rows_cpu); }
+TORCH_LIBRARY_IMPL(slao, CPU, m) {
+  m.impl("orthonormalize_rows", &orthonormalize_rows_cpu);
+  m.impl("orthonormalize_rows_", &orthonormalize_rows_inplace_cpu);
+}
 
 }  // namespace slao

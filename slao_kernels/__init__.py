@@ -4,6 +4,7 @@ Public API:
   lora_linear         the fused LoRA linear op (Triton on CUDA, C++ on CPU)
   scaled_merge_       SLAO's in-place B merge over all layers at once
   orthonormalize_rows SLAO's init: the sign-fixed orthonormal row basis of each A
+  orthonormalize_rows_  the same, in place (what SLAO's task switch uses)
   LoRALinear          nn.Linear replacement holding one LoRA adapter
   LoRAConfig          which projections get an adapter, and its shape
   patch_llama         add adapters to a Hugging Face Llama-family model, in place
@@ -19,11 +20,12 @@ from slao_kernels.continual import SLAO
 from slao_kernels.io import load_peft_adapter, save_peft_adapter
 from slao_kernels.nn import LoRALinear
 from slao_kernels.ops.lora_linear import lora_linear
-from slao_kernels.ops.orthonormalize import orthonormalize_rows
+from slao_kernels.ops.orthonormalize import orthonormalize_rows, orthonormalize_rows_
 from slao_kernels.ops.scaled_merge import scaled_merge_
 from slao_kernels.patching import LoRAConfig, patch_llama, revert
 
 __version__ = "0.1.0"
 
 __all__ = ["NATIVE_CPU", "SLAO", "LoRAConfig", "LoRALinear", "__version__", "lora_linear", "orthonormalize_rows",
+           "orthonormalize_rows_",
            "load_peft_adapter", "patch_llama", "revert", "save_peft_adapter", "scaled_merge_"]

@@ -48,6 +48,7 @@ LIB.define(
 LIB.define("scaled_merge_(Tensor(a!)[] merged, Tensor[] fine_tuned, float lam, bool check_finite) -> ()")
 
 LIB.define("orthonormalize_rows(Tensor A) -> (Tensor, Tensor)")
+LIB.define("orthonormalize_rows_(Tensor(a!)[] A) -> Tensor")
 
 
 def compute_dtype(x_dtype: torch.dtype, lora_dtype: torch.dtype) -> torch.dtype:
@@ -84,6 +85,11 @@ def _scaled_merge_fake(merged, fine_tuned, lam, check_finite):
 @torch.library.register_fake("slao::orthonormalize_rows")
 def _orthonormalize_rows_fake(A):
     return torch.empty_like(A), A.new_empty((A.shape[0],), dtype=torch.bool)
+
+
+@torch.library.register_fake("slao::orthonormalize_rows_")
+def _orthonormalize_rows_inplace_fake(A):
+    return torch.empty((len(A),), dtype=torch.bool, device=A[0].device if len(A) else "cpu")
 
 
 def _load_native() -> bool:

@@ -90,3 +90,14 @@ def orthonormalize_rows_ref(A):
     eps = torch.finfo(torch.promote_types(A.dtype, torch.float32)).eps  # rank at the precision computed in
     deficient = (diag.abs() <= A.shape[-1] * eps * scale).any(dim=-1)
     return (Q * signs.unsqueeze(-2)).transpose(-1, -2).to(A.dtype).contiguous(), deficient
+
+
+def orthonormalize_rows_inplace_ref(A):
+    """``slao::orthonormalize_rows_``: :func:`orthonormalize_rows_ref` of each (r, n)
+    matrix of the list, written back into it; returns ``rank_deficient`` (on A[0]'s device)."""
+    flags = []
+    for M in A:
+        Q, deficient = orthonormalize_rows_ref(M.unsqueeze(0))
+        M.copy_(Q.squeeze(0))
+        flags.append(deficient)
+    return torch.cat(flags) if flags else torch.zeros((0,), dtype=torch.bool)

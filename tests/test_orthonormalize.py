@@ -117,6 +117,40 @@ def test_bad_input(A, exc, match):
         slao_kernels.orthonormalize_rows(A)
 
 
+# --------------------------------------------------------------------------- in place
+
+def test_in_place_matches_the_result_of_the_functional():
+    """The in-place op computes exactly what orthonormalize_rows returns, for every path:
+    CholeskyQR with one pass, with two (cond 1e3), Householder (cond 1e6), other dtypes, shapes."""
+    A = [with_condition(1, 16, 300, 1.0)[0], with_condition(1, 16, 300, 1e3)[0], with_condition(1, 8, 64, 1e6)[0],
+         torch.randn(4, 70).bfloat16(), torch.randn(3, 33, dtype=torch.float64), torch.randn(16, 300)]
+    work = [a.clone() for a in A]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cond 1e6 is rank-deficient at fp32: warned, tested below
+        expected = slao_kernels.orthonormalize_rows([a.clone() for a in A])
+        assert slao_kernels.orthonormalize_rows_(work) is work
+    for i, (got, want) in enumerate(zip(work, expected)):
+        assert got.dtype == A[i].dtype and torch.equal(got, want), i
+    batch = with_condition(5, 8, 90, 10.0)
+    same = slao_kernels.orthonormalize_rows_(batch)
+    assert same is batch and torch.equal(batch, slao_kernels.orthonormalize_rows(with_condition(5, 8, 90, 10.0)))
+
+
+def test_in_place_warns_for_rank_deficient_matrices_and_passes_opcheck():
+    A = [torch.randn(4, 50), torch.zeros(4, 50)]
+    with pytest.warns(RuntimeWarning, match=r"orthonormalize_rows_: A\[1\] is numerically rank-deficient"):
+        slao_kernels.orthonormalize_rows_(A)
+    assert orthonormality_error(A[1]) <= 1e-12  # completed in fp64, stored in fp32 exactly enough
+    torch.library.opcheck(torch.ops.slao.orthonormalize_rows_.default, ([torch.randn(3, 20), torch.randn(2, 9)],))
+
+
+def test_in_place_bad_input():
+    with pytest.raises(ValueError, match="must be contiguous"):
+        slao_kernels.orthonormalize_rows_([torch.randn(20, 4).t()])
+    with pytest.raises(ValueError, match="more rows than columns"):
+        slao_kernels.orthonormalize_rows_([torch.randn(5, 4)])
+
+
 # --------------------------------------------------------------------------- the Triton kernel
 
 from conftest import KERNEL_DEVICE  # noqa: E402

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from slao_kernels.nn import LoRALinear
-from slao_kernels.ops.orthonormalize import orthonormalize_rows
+from slao_kernels.ops.orthonormalize import orthonormalize_rows_
 from slao_kernels.ops.scaled_merge import scaled_merge_
 from slao_kernels.patching import lora_modules
 
@@ -124,10 +124,8 @@ class SLAO:
             self._swap(m.lora_B, self._b_other, n)  # model: B_ft,i−1; buffer: B_merge,i−1
             if self.merge in ("A", "AB"):
                 self._swap(m.lora_A, self._a_other, n)  # model: A_ft,i−1; buffer: A_merge,i−1
-        if self.init == "orthogonal":
-            q = orthonormalize_rows([m.lora_A for m in layers])
-            for m, qi in zip(layers, q):
-                m.lora_A.copy_(qi)
+        if self.init == "orthogonal":  # in place: no result to allocate, no layers to stack
+            orthonormalize_rows_([m.lora_A.detach() for m in layers])
         elif self.init == "random":
             for m in layers:
                 m.reset_lora_parameters()

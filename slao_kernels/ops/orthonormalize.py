@@ -164,10 +164,24 @@ def _cuda(A):
     return orthonormalize_rows_triton(A)
 
 
+def _cuda_inplace(A):
+    """In place on CUDA: per group of equal shape and dtype, one batched launch into
+    a stacked copy, written back (device memory traffic is cheap next to the launch count)."""
+    deficient = torch.zeros((len(A),), dtype=torch.bool, device=A[0].device if len(A) else "cpu")
+    for idx in _groups(A).values():
+        Q, flags = _cuda(torch.stack([A[i] for i in idx]))
+        torch._foreach_copy_([A[i] for i in idx], list(Q.unbind(0)))
+        deficient[idx] = flags
+    return deficient
+
+
 LIB.impl("orthonormalize_rows", _cuda, "CUDA")
 LIB.impl("orthonormalize_rows", reference.orthonormalize_rows_ref, "CompositeExplicitAutograd")
+LIB.impl("orthonormalize_rows_", _cuda_inplace, "CUDA")
+LIB.impl("orthonormalize_rows_", reference.orthonormalize_rows_inplace_ref, "CompositeExplicitAutograd")
 if not NATIVE_CPU:
     LIB.impl("orthonormalize_rows", reference.orthonormalize_rows_ref, "CPU")
+    LIB.impl("orthonormalize_rows_", reference.orthonormalize_rows_inplace_ref, "CPU")
 
 
 def aot_specs():
@@ -187,14 +201,33 @@ def _check_matrix(name: str, A: torch.Tensor) -> None:
         raise ValueError(f"{name} has no rows (shape {tuple(A.shape)})")
 
 
-def _orthonormalize(batch: torch.Tensor, names) -> torch.Tensor:
-    Q, deficient = torch.ops.slao.orthonormalize_rows(batch)
+def _warn_deficient(deficient: torch.Tensor, names, op: str) -> None:
     if deficient.any():
         which = [names[i] for i in torch.nonzero(deficient).flatten().tolist()]
         verb = "is" if len(which) == 1 else "are"
-        warnings.warn(f"orthonormalize_rows: {', '.join(which)} {verb} numerically rank-deficient; the row basis was "
-                      "completed with a deterministic orthonormal complement", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"{op}: {', '.join(which)} {verb} numerically rank-deficient; the row basis was "
+                      "completed with a deterministic orthonormal complement", RuntimeWarning, stacklevel=4)
+
+
+def _orthonormalize(batch: torch.Tensor, names) -> torch.Tensor:
+    Q, deficient = torch.ops.slao.orthonormalize_rows(batch)
+    _warn_deficient(deficient, names, "orthonormalize_rows")
     return Q
+
+
+def _groups(matrices) -> dict[tuple, list[int]]:
+    """Indices of the matrices by (shape, dtype, device): one launch per group."""
+    groups: dict[tuple, list[int]] = {}
+    for i, M in enumerate(matrices):
+        groups.setdefault((tuple(M.shape), M.dtype, M.device), []).append(i)
+    return groups
+
+
+def _check_list(matrices) -> None:
+    for i, M in enumerate(matrices):
+        _check_matrix(f"A[{i}]", M)
+        if M.dim() != 2:
+            raise ValueError(f"A[{i}] must be a 2-D (r, n) matrix, got shape {tuple(M.shape)}")
 
 
 def orthonormalize_rows(A):
@@ -218,15 +251,48 @@ def orthonormalize_rows(A):
         out = _orthonormalize(batch, [f"A[{i}]" for i in range(batch.shape[0])] if A.dim() == 3 else ["A"])
         return out if A.dim() == 3 else out.squeeze(0)
     matrices = list(A)
-    groups: dict[tuple, list[int]] = {}
-    for i, M in enumerate(matrices):
-        _check_matrix(f"A[{i}]", M)
-        if M.dim() != 2:
-            raise ValueError(f"A[{i}] must be a 2-D (r, n) matrix, got shape {tuple(M.shape)}")
-        groups.setdefault((tuple(M.shape), M.dtype, M.device), []).append(i)
+    _check_list(matrices)
     result: list[torch.Tensor | None] = [None] * len(matrices)
-    for idx in groups.values():
+    for idx in _groups(matrices).values():
         out = _orthonormalize(torch.stack([matrices[i] for i in idx]), [f"A[{i}]" for i in idx])
         for j, i in enumerate(idx):
             result[i] = out[j]
     return result
+
+
+def orthonormalize_rows_(A):
+    """In-place :func:`orthonormalize_rows`: each matrix is replaced by its ``Qᵀ``.
+
+    What SLAO's task switch needs (A ← Qᵀ of the previous fine-tuned A) without
+    allocating a result or stacking the layers: on CPU the kernel works on the
+    list of matrices as they are, whatever their shapes and dtypes.
+
+    Args:
+        A: a (r, n) matrix, a (b, r, n) batch, or a list of (r, n) matrices
+            (contiguous; shapes, dtypes and devices may differ).
+
+    Returns:
+        ``A`` itself. Results are those of :func:`orthonormalize_rows`, with the
+        same warning for rank-deficient matrices.
+    """
+    if isinstance(A, torch.Tensor):
+        if A.dim() not in (2, 3):
+            raise ValueError(f"A must be (r, n) or (batch, r, n), got shape {tuple(A.shape)}")
+        _check_matrix("A", A)
+        if not A.is_contiguous():
+            raise ValueError(f"A must be contiguous to be orthonormalized in place (strides {A.stride()})")
+        matrices = list(A.unbind(0)) if A.dim() == 3 else [A]
+        names = [f"A[{i}]" for i in range(len(matrices))] if A.dim() == 3 else ["A"]
+    else:
+        matrices = list(A)
+        _check_list(matrices)
+        bad = next((i for i, M in enumerate(matrices) if not M.is_contiguous()), None)
+        if bad is not None:
+            raise ValueError(f"A[{bad}] must be contiguous to be orthonormalized in place "
+                             f"(strides {matrices[bad].stride()})")
+        names = [f"A[{i}]" for i in range(len(matrices))]
+    for device in {M.device for M in matrices}:
+        idx = [i for i, M in enumerate(matrices) if M.device == device]
+        deficient = torch.ops.slao.orthonormalize_rows_([matrices[i] for i in idx])
+        _warn_deficient(deficient, [names[i] for i in idx], "orthonormalize_rows_")
+    return A
