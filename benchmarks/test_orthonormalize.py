@@ -11,31 +11,14 @@ memory: allocation and first touch, the floor for any op that returns a new tens
 import pytest
 import torch
 
-from slao_kernels import bench, orthonormalize_rows, orthonormalize_rows_
+from slao_kernels import bench
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SHAPE = (224, 16, 4096)
-
-
-def qr_with_sign_fix(A):
-    Q, R = torch.linalg.qr(A.transpose(1, 2))
-    signs = torch.where(torch.diagonal(R, dim1=-2, dim2=-1) < 0, -1.0, 1.0)
-    return (Q * signs.unsqueeze(-2)).transpose(1, 2)
+SHAPE = bench.TASK_SWITCH_SET
 
 
 def cases():
-    A = torch.randn(*SHAPE, generator=torch.Generator().manual_seed(0)).to(DEVICE)
-    layers = [a.clone() for a in A]  # SLAO's case: one A parameter per layer, in place
-    none = lambda: ()  # noqa: E731
-
-    def restore():  # untimed: the original A again, so every call does the work of the first
-        torch._foreach_copy_(layers, list(A.unbind(0)))
-        return ()
-
-    return {"slao": (none, lambda: orthonormalize_rows(A)),
-            "slao_inplace": (restore, lambda: orthonormalize_rows_(layers)),
-            "linalg_qr": (none, lambda: qr_with_sign_fix(A)),
-            "copy": (none, lambda: A.clone())}
+    return bench.orthonormalize_cases(SHAPE, DEVICE)
 
 
 @pytest.mark.parametrize("provider", ["slao", "slao_inplace", "linalg_qr", "copy"])

@@ -10,31 +10,15 @@ of the same bytes, the floor).
 import pytest
 import torch
 
-from slao_kernels import bench, scaled_merge_
+from slao_kernels import bench
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 LAYERS, ROWS, COLS = 224, 16, 4096
 
 
-def layer_set():
-    g = torch.Generator().manual_seed(0)
-    merged = [torch.randn(ROWS, COLS, generator=g).to(DEVICE, DTYPE) for _ in range(LAYERS)]
-    fine = [torch.randn(ROWS, COLS, generator=g).to(DEVICE, DTYPE) for _ in range(LAYERS)]
-    return merged, fine
-
-
 def cases():
-    merged, fine = layer_set()
-    dst, src = torch.empty(LAYERS * ROWS * COLS, device=DEVICE, dtype=DTYPE), torch.randn_like(
-        torch.empty(LAYERS * ROWS * COLS, device=DEVICE, dtype=DTYPE))
-    none = lambda: ()  # noqa: E731
-    return {
-        "slao": (none, lambda: scaled_merge_(merged, fine, 0.5)),
-        "slao_checked": (none, lambda: scaled_merge_(merged, fine, 0.5, check_finite=True)),
-        "foreach_lerp": (none, lambda: torch._foreach_lerp_(merged, fine, 0.5)),
-        "copy": (none, lambda: dst.copy_(src)),
-    }
+    return bench.merge_cases(LAYERS, ROWS, COLS, DEVICE, DTYPE)
 
 
 @pytest.mark.parametrize("provider", ["slao", "slao_checked", "foreach_lerp", "copy"])

@@ -8,6 +8,9 @@ Providers of ``lora_linear``:
   ``base``      the frozen base layer alone (forward: ``x·Wᵀ``; backward: ``dy·W``): the floor
 Modes: ``forward`` (no autograd graph), ``backward`` (graph built in setup), ``full`` (both).
 
+SLAO's per-task ops (:func:`merge_cases`, :func:`orthonormalize_cases`,
+:func:`compare_task_switch_ops`) are timed against stock torch the same way.
+
 Ratios come from :func:`time_interleaved`, which runs the cases round-robin so
 that a machine whose speed drifts (shared CPUs, GPU clocks) slows every
 provider alike. Used by ``benchmarks/`` (pytest-benchmark) and ``slao bench``.
@@ -25,6 +28,8 @@ import torch
 
 from slao_kernels import reference
 from slao_kernels.ops.lora_linear import lora_linear
+from slao_kernels.ops.orthonormalize import orthonormalize_rows, orthonormalize_rows_
+from slao_kernels.ops.scaled_merge import scaled_merge_
 
 PROVIDERS = ("eager", "composed", "slao", "base")
 MODES = ("forward", "backward", "full")
@@ -255,4 +260,79 @@ def format_table(rows: list[dict]) -> str:
         if "slao_tflops" in r:
             line += f"  {r['slao_tflops']} TFLOP/s {r['slao_gbps']} GB/s"
         lines.append(line)
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- SLAO's per-task ops
+
+# A Llama-3-8B adapter at r=16 over all seven projections of 32 layers, as 224
+# matrices of 16×4096 (the A set; the B set has the same bytes).
+TASK_SWITCH_SET = (224, 16, 4096)
+
+
+def merge_cases(layers: int, rows: int, cols: int, device: str, dtype: torch.dtype) -> dict:
+    """``scaled_merge_`` over ``layers`` tensors of rows×cols against ``torch._foreach_lerp_``
+    and a flat ``copy_`` of the same bytes (the floor)."""
+    g = torch.Generator().manual_seed(0)
+    merged = [torch.randn(rows, cols, generator=g).to(device, dtype) for _ in range(layers)]
+    fine = [torch.randn(rows, cols, generator=g).to(device, dtype) for _ in range(layers)]
+    dst = torch.empty(layers * rows * cols, device=device, dtype=dtype)
+    src = torch.randn(layers * rows * cols, generator=g).to(device, dtype)
+    none = lambda: ()  # noqa: E731
+    return {
+        "slao": (none, lambda: scaled_merge_(merged, fine, 0.5)),
+        "slao_checked": (none, lambda: scaled_merge_(merged, fine, 0.5, check_finite=True)),
+        "foreach_lerp": (none, lambda: torch._foreach_lerp_(merged, fine, 0.5)),
+        "copy": (none, lambda: dst.copy_(src)),
+    }
+
+
+def qr_with_sign_fix(A: torch.Tensor) -> torch.Tensor:
+    """What a user would write: ``torch.linalg.qr`` of Aᵀ, signs fixed so diag(R) > 0."""
+    Q, R = torch.linalg.qr(A.transpose(1, 2))
+    signs = torch.where(torch.diagonal(R, dim1=-2, dim2=-1) < 0, -1.0, 1.0)
+    return (Q * signs.unsqueeze(-2)).transpose(1, 2)
+
+
+def orthonormalize_cases(shape: tuple[int, int, int], device: str) -> dict:
+    """``orthonormalize_rows`` on a (b, r, n) batch, ``orthonormalize_rows_`` on the b
+    matrices as separate tensors (SLAO's task switch), ``linalg.qr`` + sign fix, and a
+    same-size copy into new memory (the floor of any op that returns a new tensor)."""
+    A = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device)
+    layers = [a.clone() for a in A]
+    none = lambda: ()  # noqa: E731
+
+    def restore():  # untimed: the original A again, so every call does the work of the first
+        torch._foreach_copy_(layers, list(A.unbind(0)))
+        return ()
+
+    return {"slao": (none, lambda: orthonormalize_rows(A)),
+            "slao_inplace": (restore, lambda: orthonormalize_rows_(layers)),
+            "linalg_qr": (none, lambda: qr_with_sign_fix(A)),
+            "copy": (none, lambda: A.clone())}
+
+
+def compare_task_switch_ops(device: str, rounds: int = 15, shape: tuple[int, int, int] = TASK_SWITCH_SET) -> list:
+    """Rows for ``slao bench``: the merge and the orthonormalization of ``shape``, with ratios."""
+    b, r, n = shape
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    t = time_interleaved(merge_cases(b, r, n, device, dtype), device, rounds=rounds)
+    rows = [{"op": f"scaled_merge_ {b}x{r}x{n} {str(dtype).replace('torch.', '')}",
+             "ms": {k: round(v * 1e3, 3) for k, v in t.items()},
+             "ratios": {"slao/copy": round(t["slao"] / t["copy"], 3),
+                        "slao/foreach_lerp": round(t["slao"] / t["foreach_lerp"], 3)}}]
+    t = time_interleaved(orthonormalize_cases(shape, device), device, rounds=rounds)
+    rows.append({"op": f"orthonormalize_rows {b}x{r}x{n} float32", "ms": {k: round(v * 1e3, 3) for k, v in t.items()},
+                 "ratios": {"linalg_qr/slao": round(t["linalg_qr"] / t["slao"], 2),
+                            "linalg_qr/slao_inplace": round(t["linalg_qr"] / t["slao_inplace"], 2)}})
+    return rows
+
+
+def format_task_switch_table(rows: list[dict]) -> str:
+    """Text table of :func:`compare_task_switch_ops` rows."""
+    lines = []
+    for row in rows:
+        times = ", ".join(f"{k} {v:.2f} ms" for k, v in row["ms"].items())
+        ratios = ", ".join(f"{k} {v}" for k, v in row["ratios"].items())
+        lines.append(f"{row['op']:40s} {times}\n{'':40s} {ratios}")
     return "\n".join(lines)

@@ -37,8 +37,12 @@ def cmd_bench(args) -> int:
           "ratios < 1 mean slao is faster.\n")
     rows = bench.compare(shapes, device, modes=bench.MODES, rounds=args.rounds)
     print(bench.format_table(rows))
+    print("\nSLAO's task switch (a Llama-3-8B adapter, r=16, all 7 projections: 224 matrices of 16x4096):")
+    switch = bench.compare_task_switch_ops(device, rounds=5 if args.quick else 15)
+    print(bench.format_task_switch_table(switch))
     if args.json:
-        write_json_atomic(args.json, {"environment": env, "device": device, "results": rows})
+        write_json_atomic(args.json, {"environment": env, "device": device, "results": rows,
+                                      "task_switch_ops": switch})
         print(f"\nwrote {args.json}")
     return 0
 

@@ -102,3 +102,14 @@ def test_entry_points_answer():
     for cmd in (["slao", "run", "--help"], [sys.executable, "-m", "slao_kernels", "export", "--help"]):
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and "usage:" in done.stdout
+
+
+def test_bench_task_switch_rows_time_every_provider():
+    from slao_kernels import bench
+
+    rows = bench.compare_task_switch_ops("cpu", rounds=2, shape=(6, 4, 64))
+    assert [r["op"].split()[0] for r in rows] == ["scaled_merge_", "orthonormalize_rows"]
+    assert set(rows[0]["ms"]) == {"slao", "slao_checked", "foreach_lerp", "copy"}
+    assert set(rows[1]["ms"]) == {"slao", "slao_inplace", "linalg_qr", "copy"}
+    assert all(v > 0 for r in rows for v in list(r["ms"].values()) + list(r["ratios"].values()))
+    assert "linalg_qr/slao_inplace" in bench.format_task_switch_table(rows)
