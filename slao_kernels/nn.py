@@ -41,6 +41,12 @@ class LoRALinear(nn.Module):
 
     ``lora_A`` (r×in) starts Kaiming-uniform and ``lora_B`` (out×r) at zero, so a
     new adapter leaves the output unchanged.
+
+    Frozen adapters (IncLoRA, O-LoRA: one per past task) sit beside the trainable
+    one in the buffers ``frozen_A`` (k·r×in) and ``frozen_B`` (out×k·r), added by
+    :meth:`freeze_adapter`. All share the scaling, so the forward runs the fused op
+    once on the concatenation ``[frozen_A; lora_A]``, ``[frozen_B, lora_B]``:
+    ``Σ_i s·B_i·A_i·x`` in one rank-(k+1)·r product.
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
@@ -71,6 +77,9 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, **factory))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # not in the state dict: the strategies that freeze adapters checkpoint them themselves
+        self.register_buffer("frozen_A", torch.empty(0, self.in_features, **factory), persistent=False)
+        self.register_buffer("frozen_B", torch.empty(self.out_features, 0, **factory), persistent=False)
         self.reset_lora_parameters()
 
     @torch.no_grad()
@@ -79,22 +88,41 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of everything the forward adds: the trainable adapter, after any frozen ones."""
+        if self.frozen_A.shape[0] == 0:
+            return self.lora_A, self.lora_B
+        return torch.cat([self.frozen_A, self.lora_A]), torch.cat([self.frozen_B, self.lora_B], dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         if isinstance(self.dropout, nn.Dropout) and self.training:
             return F.linear(x, self.weight, self.bias) + self.delta(self.dropout(x)).to(x.dtype)
-        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling)
+        A, B = self._factors()
+        return lora_linear(x, self.weight, self.bias, A, B, self.scaling)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """The adapter's contribution alone, ``scaling·(x·Aᵀ)·Bᵀ``, in the adapter dtype."""
-        u = F.linear(x.to(self.lora_A.dtype), self.lora_A)
-        return F.linear(u, self.lora_B) * self.scaling
+        """The adapters' contribution alone, ``scaling·(x·Aᵀ)·Bᵀ``, in the adapter dtype."""
+        A, B = self._factors()
+        u = F.linear(x.to(A.dtype), A)
+        return F.linear(u, B) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
-        """``scaling·B·A`` (out×in), in fp32 or wider."""
-        dt = torch.promote_types(self.lora_A.dtype, torch.float32)
-        return (self.lora_B.to(dt) @ self.lora_A.to(dt)) * self.scaling
+        """``scaling·B·A`` (out×in) of all adapters, in fp32 or wider."""
+        A, B = self._factors()
+        dt = torch.promote_types(A.dtype, torch.float32)
+        return (B.to(dt) @ A.to(dt)) * self.scaling
+
+    @torch.no_grad()
+    def freeze_adapter(self) -> None:
+        """Move the trainable adapter to the frozen ones and start a fresh one
+        (:meth:`reset_lora_parameters`): the output is unchanged."""
+        if self.merged:
+            raise RuntimeError("LoRALinear.freeze_adapter(): unmerge() first")
+        self.frozen_A = torch.cat([self.frozen_A, self.lora_A.detach()])
+        self.frozen_B = torch.cat([self.frozen_B, self.lora_B.detach()], dim=1)
+        self.reset_lora_parameters()
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -127,4 +155,5 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:.4g}, rslora={self.rslora}, "
-                f"lora_dtype={self.lora_A.dtype}, merged={self.merged}")
+                f"lora_dtype={self.lora_A.dtype}, merged={self.merged}"
+                + (f", frozen_adapters={self.frozen_A.shape[0] // self.rank}" if self.frozen_A.shape[0] else ""))
