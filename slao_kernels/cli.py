@@ -99,6 +99,21 @@ def _load_model(spec, device: str, log):
     return model, tokenizer, seconds
 
 
+def _option_value(text: str):
+    """A --option value: an int, a float, true/false/none, or the string itself."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def cmd_run(args) -> int:
     from slao_kernels.continual.report import format_report
     from slao_kernels.continual.runner import RunConfig, run_stream
@@ -117,7 +132,12 @@ def cmd_run(args) -> int:
         raise UsageError(f"--out {out} exists and is not a directory")
     tasks, source = _load_tasks(args)  # before the model: bad task names fail in a second, not after loading
     options = {k: v for k, v in (("lam", args.lam), ("init", args.init), ("merge", args.merge)) if v is not None}
-    if options and args.strategy != "slao":
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--option takes KEY=VALUE, got {item!r}")
+        options[key] = _option_value(value)
+    if any(k in options for k in ("lam", "init", "merge")) and args.strategy != "slao":
         raise UsageError(f"--lam/--init/--merge are options of the slao strategy, not {args.strategy!r}")
     if "lam" in options and options["lam"] not in ("inv_sqrt", "inv"):
         try:
@@ -135,10 +155,12 @@ def cmd_run(args) -> int:
             max_test=args.max_test, seed=args.seed)
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from None
-    from slao_kernels.continual.strategies import STRATEGIES
+    from slao_kernels.continual.strategies import strategy_options
 
-    if args.strategy not in STRATEGIES:
-        raise UsageError(f"unknown strategy {args.strategy!r}; available: {sorted(STRATEGIES)}")
+    unknown = sorted(set(options) - set(strategy_options(args.strategy)))  # also: an unknown strategy
+    if unknown:
+        raise UsageError(f"strategy {args.strategy!r} has no option(s) {unknown}; its options: "
+                         f"{strategy_options(args.strategy)}")
     log = print
     if args.quiet:
         from transformers.utils import logging as hf_logging
@@ -268,7 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default=None, help="a Hugging Face model directory or a .gguf file; "
                    "default: the embedded SmolLM2-135M-Instruct")
     _add_task_args(r)
-    r.add_argument("--strategy", default="slao", help="slao (default) or seqlora")
+    r.add_argument("--strategy", default="slao", help="slao (default), seqlora, inclora, olora, multitask, "
+                   "lora_ga or slice")
+    r.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a strategy option, repeatable (olora: weight=0.5; slice: c=1 scope=global "
+                   "buffer_per_task=32; lora_ga/slice: grad_batches=4 max_gradient_bytes=...)")
     r.add_argument("--lam", default=None, help="slao: merge schedule inv_sqrt (default), inv or a constant")
     r.add_argument("--init", default=None, help="slao: orthogonal (default), last_ft, last_merge or random")
     r.add_argument("--merge", default=None, help="slao: B (default), A, AB or none")

@@ -77,6 +77,8 @@ def test_export_peft_matches_the_run_adapter(run_dir, tmp_path):
     (["run", "--data", "/nonexistent/data"], "task directory '/nonexistent/data' does not exist"),
     (["run", "--strategy", "ewc"], "unknown strategy 'ewc'"),
     (["run", "--strategy", "seqlora", "--lam", "inv"], "options of the slao strategy"),
+    (["run", "--strategy", "olora", "--option", "wieght=1"], "has no option(s) ['wieght']; its options: ['weight']"),
+    (["run", "--option", "c"], "--option takes KEY=VALUE"),
     (["run", "--lam", "fast"], "--lam must be inv_sqrt, inv or a number"),
     (["run", "--rank", "0"], "LoRAConfig.rank must be"),
     (["run", "--resume"], "holds no report.json to continue"),

@@ -123,6 +123,7 @@ def run_stream(model: nn.Module, tokenizer, tasks: Sequence[Task], config: RunCo
     patch_llama(model, config.lora)
     strategy = make_strategy(config.strategy, model, **config.strategy_options)
     encoder = PromptEncoder(tokenizer, config.max_prompt_tokens)
+    strategy.attach(encoder, config.train, tasks)
     report = {
         "tasks": names, "status": "running", "accuracy_matrix": [], "zero_shot": None,
         "aa": None, "bwt": None, "fwt": None, "forgetting": None, "ap": None, "fp": None,
@@ -162,7 +163,8 @@ def run_stream(model: nn.Module, tokenizer, tasks: Sequence[Task], config: RunCo
         t0 = time.perf_counter()
         strategy.begin_task(task)
         t1 = time.perf_counter()
-        trained = train_task(model, encoder, task, strategy.parameters(), config.train,
+        trained = train_task(model, encoder, strategy.training_tasks(task, tasks[:i + 1]), strategy.parameters(),
+                             config.train,
                              extra_loss=strategy.extra_loss, progress=progress,
                              description=f"task {i + 1}/{len(tasks)} {task.name}")
         t2 = time.perf_counter()

@@ -100,12 +100,12 @@ def answer_loss(model: nn.Module, batch: AnswerBatch) -> torch.Tensor:
     return F.cross_entropy(logits, batch.targets)
 
 
-def row_order(task: Task, count: int, seed: int) -> list[int]:
-    """``count`` indices into ``task.train``: shuffled epochs, deterministic in (seed, task name)."""
-    g = torch.Generator().manual_seed(hash_name(f"{seed}:{task.name}"))
+def row_order(size: int, count: int, seed: int, name: str) -> list[int]:
+    """``count`` indices into ``size`` rows: shuffled epochs, deterministic in (seed, name)."""
+    g = torch.Generator().manual_seed(hash_name(f"{seed}:{name}"))
     order: list[int] = []
     while len(order) < count:
-        order += torch.randperm(len(task.train), generator=g).tolist()
+        order += torch.randperm(size, generator=g).tolist()
     return order[:count]
 
 
@@ -114,12 +114,15 @@ def hash_name(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
 
 
-def train_task(model: nn.Module, encoder: PromptEncoder, task: Task, params: Sequence[nn.Parameter],
+def train_task(model: nn.Module, encoder: PromptEncoder, task: Task | Sequence[Task], params: Sequence[nn.Parameter],
                config: TrainConfig = TrainConfig(), extra_loss: Callable[[], torch.Tensor | None] | None = None,
                progress: bool = True, description: str | None = None) -> dict:
     """Fine-tune ``params`` of ``model`` on ``task`` with a new AdamW optimizer.
 
     Args:
+        task: one task, or several trained on together (the union of their rows,
+            each row prompted as its own task; ``config.steps`` is then per task,
+            so k tasks get k times the steps).
         params: the parameters to train (everything else should be frozen).
         extra_loss: optional regularizer added to every micro-batch's loss
             (O-LoRA's orthogonality penalty, for example); it may return None.
@@ -131,19 +134,23 @@ def train_task(model: nn.Module, encoder: PromptEncoder, task: Task, params: Seq
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("train_task: no trainable parameters (did you patch the model with LoRA adapters?)")
-    if not task.train:
-        raise ValueError(f"train_task: task {task.name!r} has no training rows")
+    tasks = [task] if isinstance(task, Task) else list(task)
+    empty = [t.name for t in tasks if not t.train]
+    if not tasks or empty:
+        raise ValueError(f"train_task: task(s) {empty} have no training rows" if empty else "train_task: no task")
+    pool = [(t, r) for t in tasks for r in t.train]
+    name = "+".join(t.name for t in tasks)
     device = params[0].device
-    total = config.total_steps(len(task.train))
+    total = config.total_steps(len(pool)) * (len(tasks) if config.steps is not None else 1)
     micro = config.batch_size
-    order = row_order(task, total * config.grad_accum * micro, config.seed)
+    order = row_order(len(pool), total * config.grad_accum * micro, config.seed, name)
     autocast = config.autocast if config.autocast is not None else device.type == "cuda"
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    torch.manual_seed(hash_name(f"{config.seed}:{task.name}:dropout"))
+    torch.manual_seed(hash_name(f"{config.seed}:{name}:dropout"))
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc=description or f"train {task.name}", disable=not progress, leave=False,
+    bar = tqdm(total=total, desc=description or f"train {name}", disable=not progress, leave=False,
                dynamic_ncols=True)
     losses = []
     was_training = model.training
@@ -156,15 +163,15 @@ def train_task(model: nn.Module, encoder: PromptEncoder, task: Task, params: Seq
             step_loss = 0.0
             for a in range(config.grad_accum):
                 first = (step * config.grad_accum + a) * micro
-                rows = [task.train[i] for i in order[first:first + micro]]
-                batch = collate_answers([encoder.encode(task, r) for r in rows], encoder.pad_id).to(device)
+                rows = [pool[i] for i in order[first:first + micro]]
+                batch = collate_answers([encoder.encode(t, r) for t, r in rows], encoder.pad_id).to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                     loss = answer_loss(model, batch)
                     extra = extra_loss() if extra_loss is not None else None
                     if extra is not None:
                         loss = loss + extra
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"task {task.name!r}, step {step + 1}: the loss is {loss.item()}")
+                    raise FloatingPointError(f"task {name!r}, step {step + 1}: the loss is {loss.item()}")
                 (loss / config.grad_accum).backward()
                 step_loss += loss.item() / config.grad_accum
             if config.max_grad_norm is not None:

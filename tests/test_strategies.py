@@ -1,0 +1,259 @@
+"""The runner's strategies: SLAO and the baselines of the literature, on a tiny Llama."""
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_tokenizer
+
+from slao_kernels import LoRAConfig, patch_llama
+from slao_kernels.continual import PromptEncoder, RunConfig, TrainConfig, generated_suite, run_stream
+from slao_kernels.continual.gradients import (full_weight_gradients, global_dots, lora_ga_factors, module_chunks,
+                                              pcgrad, slice_factors, svd_factors)
+from slao_kernels.continual.prompts import collate_answers
+from slao_kernels.continual.strategies import STRATEGIES, make_strategy, orthogonality_penalty
+from slao_kernels.continual.train import answer_loss
+from slao_kernels.patching import lora_modules
+
+LORA = LoRAConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def _model(tokenizer):
+    return tiny_model(vocab_size=len(tokenizer), max_position_embeddings=256, initializer_range=0.2)
+
+
+def _tasks():
+    return generated_suite("large,small,last_big", train_size=16, test_size=8)
+
+
+def _run(tokenizer, strategy, options=None, out=None):
+    config = RunConfig(lora=LORA, train=TrainConfig(steps=3, batch_size=4, lr=1e-2), eval_batch_size=8,
+                       strategy=strategy, strategy_options=options or {})
+    model = _model(tokenizer)
+    report = run_stream(model, tokenizer, _tasks(), config, out=out, progress=False, log=lambda s: None)
+    return model, report
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_every_strategy_runs_three_tasks_with_the_memory_it_claims(strategy, tokenizer, tmp_path):
+    model, report = _run(tokenizer, strategy, out=str(tmp_path))
+    assert report["status"] == "complete" and len(report["accuracy_matrix"]) == 3
+    modules = lora_modules(model).values()
+    adapter = sum(4 * (m.lora_A.numel() + m.lora_B.numel()) for m in modules)  # fp32
+    assert adapter == 2 * 4 * (4 * 64 + 64 * 4 + 4 * 64 + 32 * 4)  # 2 layers of q (64→64) and v (64→32)
+    b_buffer = sum(4 * m.lora_B.numel() for m in modules)
+    expected = {"inclora": [adapter, 2 * adapter, 3 * adapter],  # O(T): one frozen adapter per past task
+                "olora": [adapter, 2 * adapter, 3 * adapter],
+                "slao": [adapter + b_buffer] * 3}  # constant: the adapter plus one B-sized buffer per layer
+    assert report["adapter_bytes"] == expected.get(strategy, [adapter] * 3)
+    for m in modules:
+        assert m.lora_A.shape == (4, 64) and m.lora_A.requires_grad and not m.weight.requires_grad
+        if strategy in ("inclora", "olora"):
+            assert m.frozen_A.shape == (8, 64) and not m.frozen_A.requires_grad
+
+
+def test_inclora_keeps_earlier_adapters_frozen(tokenizer):
+    model = _model(tokenizer)
+    patch_llama(model, LORA)
+    s = make_strategy("inclora", model)
+    m = next(iter(s.modules.values()))
+    s.begin_task(None)
+    with torch.no_grad():
+        m.lora_B.normal_()
+    trained = (m.lora_A.detach().clone(), m.lora_B.detach().clone())
+    x = torch.randn(3, 64)
+    before = m(x)
+    s.begin_task(None)  # task 2: task 1's adapter is frozen, a fresh one (B = 0) trains
+    torch.testing.assert_close(m(x), before, rtol=1e-5, atol=1e-5)
+    assert torch.equal(m.frozen_A, trained[0]) and torch.equal(m.frozen_B, trained[1])
+    assert all(p is not m.frozen_A for p in s.parameters()) and not m.lora_B.any()
+    m(x).sum().backward()
+    assert m.lora_A.grad is not None and m.frozen_A.grad is None
+
+
+def test_olora_penalty_against_a_direct_computation(tokenizer):
+    model = _model(tokenizer)
+    patch_llama(model, LORA)
+    s = make_strategy("olora", model, weight=0.3)
+    s.begin_task(None)
+    assert s.extra_loss() is None  # nothing to be orthogonal to on task 1
+    s.begin_task(None)
+    s.begin_task(None)  # two frozen adapters per layer now
+    direct = 0.0
+    for m in s.modules.values():
+        for old in m.frozen_A.split(4):  # one r×n block per earlier task
+            for i in range(4):
+                for j in range(4):
+                    direct += abs(float(old[i] @ m.lora_A[j].detach()))
+    torch.testing.assert_close(s.extra_loss().double(), torch.tensor(0.3 * direct, dtype=torch.float64),
+                               rtol=1e-5, atol=0)
+    penalty = orthogonality_penalty(list(s.modules.values()))
+    penalty.backward()
+    assert all(m.lora_A.grad is not None for m in s.modules.values())
+
+
+def test_pcgrad_on_hand_made_gradients():
+    g_r = {"a": torch.tensor([[1.0, 0.0]]), "b": torch.tensor([[0.0, 2.0]])}
+    conflicting = {"a": torch.tensor([[-1.0, 1.0]]), "b": torch.tensor([[3.0, 1.0]])}
+    full = pcgrad(conflicting, g_r, 1.0)
+    assert torch.equal(full["a"], torch.tensor([[0.0, 1.0]]))  # projected onto the normal plane of g_r
+    assert torch.equal(full["b"], conflicting["b"])  # ⟨g_c, g_r⟩ = 2 ≥ 0: unchanged
+    half = pcgrad(conflicting, g_r, 0.5)
+    assert torch.equal(half["a"], torch.tensor([[-0.5, 1.0]]))
+    # global: one inner product over both modules (−1 + 2 = 1 ≥ 0): nothing projected
+    glob = pcgrad(conflicting, g_r, 1.0, global_dots({n: (float((conflicting[n] * g_r[n]).sum()),
+                                                          float((g_r[n] ** 2).sum())) for n in g_r}))
+    assert all(torch.equal(glob[n], conflicting[n]) for n in g_r)
+    # globally conflicting: −1 − 3 = −4 over ‖g_r‖² = 1 + 4: both modules move by 4/5·g_r
+    worse = {"a": torch.tensor([[-1.0, 1.0]]), "b": torch.tensor([[0.0, -1.5]])}
+    glob = pcgrad(worse, g_r, 1.0, global_dots({n: (float((worse[n] * g_r[n]).sum()), float((g_r[n] ** 2).sum()))
+                                               for n in g_r}))
+    total = sum(float((glob[n] * g_r[n]).sum()) for n in g_r)
+    assert abs(total) < 1e-6 and torch.allclose(glob["a"], worse["a"] + 0.8 * g_r["a"])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        pcgrad(worse, g_r, 1.5)
+
+
+def test_svd_inits_against_linalg_svd():
+    g = torch.Generator().manual_seed(1)
+    G = torch.randn(12, 10, generator=g, dtype=torch.float64).float()
+    U, S, V = svd_factors(G, rank=3)  # q = min(12, 10) = 10: the whole spectrum, exactly
+    U_ref, S_ref, Vh_ref = torch.linalg.svd(G.double(), full_matrices=False)
+    torch.testing.assert_close(S.double(), S_ref, rtol=1e-5, atol=1e-5)
+    # singular vectors are defined up to sign: compare |⟨u, u_ref⟩| = 1
+    torch.testing.assert_close((U.double().T @ U_ref).diagonal().abs(), torch.ones(10, dtype=torch.float64),
+                               rtol=0, atol=1e-4)
+    torch.testing.assert_close((V.double().T @ Vh_ref.T).diagonal().abs(), torch.ones(10, dtype=torch.float64),
+                               rtol=0, atol=1e-4)
+    A, B = lora_ga_factors(G, rank=3, gamma=16.0)
+    scale = 12 ** 0.25 / 4.0
+    torch.testing.assert_close(A, V[:, :3].T * scale)
+    torch.testing.assert_close(B, U[:, 3:6] * scale)
+    W = torch.randn(12, 10, generator=g)
+    A, B = slice_factors(G, W, rank=3)
+    rho = torch.log(torch.tensor(3.0)) / torch.log(torch.tensor(10.0))
+    torch.testing.assert_close((B @ A).var(), rho * W.var(), rtol=1e-4, atol=0)  # variance matched
+    assert torch.allclose(A / A.norm(dim=1, keepdim=True), (V[:, 3:6].T / V[:, 3:6].T.norm(dim=1, keepdim=True)))
+
+
+def _batch(tokenizer, n=6):
+    task = _tasks()[0]
+    enc = PromptEncoder(tokenizer)
+    return collate_answers([enc.encode(task, r) for r in task.train[:n]], enc.pad_id)
+
+
+def test_full_weight_gradients_equal_autograd_on_the_weight(tokenizer):
+    model = _model(tokenizer)
+    plain = copy.deepcopy(model)
+    patch_llama(model, LORA)
+    batch = _batch(tokenizer)
+    modules = lora_modules(model)
+    chunks = module_chunks(modules, max_bytes=2 * 4 * 64 * 64)
+    assert [len(c) for c in chunks] == [2, 2]  # two 64×64 fp32 gradients per chunk
+    grads = {}
+    for chunk in chunks:
+        grads.update(full_weight_gradients(model, modules, chunk, [batch, batch], answer_loss))
+    for p in plain.parameters():
+        p.requires_grad_(False)
+    for n in modules:
+        plain.get_submodule(n).weight.requires_grad_(True)
+    answer_loss(plain, batch).backward()  # B = 0: the patched model computes the same function
+    for n in modules:
+        torch.testing.assert_close(grads[n], plain.get_submodule(n).weight.grad, rtol=1e-4, atol=1e-6)
+    assert all(m.lora_A.grad is None for m in modules.values())  # the adapter's own grads are not kept
+    with pytest.raises(ValueError, match="below what one layer needs"):
+        module_chunks(modules, max_bytes=100)
+
+
+@pytest.mark.parametrize("strategy", ["lora_ga", "slice"])
+def test_gradient_inits_leave_the_output_unchanged_at_step_0(strategy, tokenizer):
+    model = _model(tokenizer)
+    patch_llama(model, LORA)
+    tasks = _tasks()
+    s = make_strategy(strategy, model, grad_batches=2)
+    s.attach(PromptEncoder(tokenizer), TrainConfig(batch_size=4), tasks)
+    batch = _batch(tokenizer)
+    with torch.no_grad():
+        before = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    s.begin_task(tasks[0])
+    assert all(m.lora_B.abs().sum() > 0 for m in s.modules.values())  # a real init, not B = 0
+    with torch.no_grad():
+        after = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    # W0 − s·B·A, then + s·B·A through the adapter: fp32 rounding of the weight's scale
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_slice_chunked_gradients_give_the_same_init(tokenizer):
+    """With the replay buffer non-empty and the global PCGrad, memory-tight chunking
+    (two passes over the chunks) reaches exactly the adapters of one chunk."""
+    tasks = _tasks()
+    results = []
+    for max_bytes in (None, 2 * 2 * 4 * 64 * 64):
+        torch.manual_seed(0)
+        model = _model(tokenizer)
+        patch_llama(model, LORA)
+        s = make_strategy("slice", model, grad_batches=2, buffer_per_task=4, max_gradient_bytes=max_bytes)
+        s.attach(PromptEncoder(tokenizer), TrainConfig(batch_size=4), tasks)
+        s.begin_task(tasks[0])
+        s.end_task(tasks[0])
+        assert len(s.buffer) == 4
+        s.begin_task(tasks[1])
+        results.append({n: (m.lora_A.detach().clone(), m.lora_B.detach().clone()) for n, m in s.modules.items()})
+    for n in results[0]:  # the same gradients, summed in the same order: the same bits
+        assert torch.equal(results[1][n][0], results[0][n][0]) and torch.equal(results[1][n][1], results[0][n][1])
+
+
+def test_multitask_trains_on_the_union_of_seen_tasks(tokenizer):
+    model = _model(tokenizer)
+    patch_llama(model, LORA)
+    s = make_strategy("multitask", model)
+    tasks = _tasks()
+    assert s.training_tasks(tasks[2], tasks) == tasks
+    with torch.no_grad():
+        next(iter(s.modules.values())).lora_B.fill_(1.0)
+    s.begin_task(tasks[1])  # every stage starts from a fresh adapter
+    assert not any(m.lora_B.any() for m in s.modules.values())
+
+
+@pytest.mark.parametrize("strategy,options", [("olora", {"weight": -1}), ("slice", {"c": 2.0}),
+                                              ("slice", {"scope": "layer"}), ("lora_ga", {"grad_batches": 0}),
+                                              ("slao", {"init": "svd"}), ("seqlora", {"lam": 0.5})])
+def test_bad_strategy_options(strategy, options, tokenizer):
+    model = _model(tokenizer)
+    patch_llama(model, LORA)
+    with pytest.raises(ValueError):
+        make_strategy(strategy, model, **options)
+
+
+@pytest.mark.parametrize("strategy", ["inclora", "slice"])
+def test_resume_restores_frozen_adapters_and_replay_buffer(strategy, tokenizer, tmp_path, monkeypatch):
+    from slao_kernels.continual import runner
+
+    config = RunConfig(lora=LORA, train=TrainConfig(steps=2, batch_size=4, lr=1e-2), eval_batch_size=8,
+                       strategy=strategy, strategy_options={"grad_batches": 1, "buffer_per_task": 4}
+                       if strategy == "slice" else {})
+    quiet = dict(progress=False, log=lambda s: None)
+    torch.manual_seed(0)
+    whole = run_stream(_model(tokenizer), tokenizer, _tasks(), config, out=str(tmp_path / "a"), **quiet)
+    real, calls = runner.train_task, []
+
+    def cut(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "train_task", cut)
+    torch.manual_seed(0)  # the same base model in every run
+    with pytest.raises(KeyboardInterrupt):
+        run_stream(_model(tokenizer), tokenizer, _tasks(), config, out=str(tmp_path / "b"), **quiet)
+    monkeypatch.setattr(runner, "train_task", real)
+    torch.manual_seed(0)
+    resumed = run_stream(_model(tokenizer), tokenizer, _tasks(), config, out=str(tmp_path / "b"), resume=True,
+                         **quiet)
+    assert resumed["accuracy_matrix"] == whole["accuracy_matrix"] and resumed["losses"] == whole["losses"]
