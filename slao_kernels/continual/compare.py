@@ -1,0 +1,197 @@
+"""Strategies side by side: the continual-learning quality benchmark.
+
+:func:`run_comparison` runs every (strategy, seed) over the same task order
+from the same base model, each with :func:`~slao_kernels.continual.run_stream`
+into ``<out>/runs/<strategy>/seed<k>/`` (so a finished run is skipped and an
+interrupted one resumed when the command is repeated), then summarizes:
+
+    results.json      per strategy: mean and standard deviation over seeds of AA,
+                      BWT, FWT, forgetting, AP, FP; adapter memory after the first
+                      and the last task; wall time per task; every run's numbers
+    results.md        the same as a table
+    quality.png       AA and BWT per strategy, error bars over seeds
+    memory.png        adapter memory after each task, per strategy
+
+A strategy spec is a name with options: ``"slao"``, ``"slao:init=random"``,
+``"olora:weight=0.1"``, ``"slice:c=0.5,scope=module"``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+from slao_kernels.continual.runner import RunConfig, run_stream
+from slao_kernels.continual.strategies import strategy_options
+from slao_kernels.continual.tasks import Task
+
+METRICS = ("aa", "bwt", "fwt", "forgetting", "ap", "fp")
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """``"slice:c=0.5,scope=module"`` → ``("slice", {"c": 0.5, "scope": "module"})``, checked."""
+    name, _, rest = spec.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"strategy spec {spec!r}: options are key=value, got {item!r}")
+        options[key] = _value(value)
+    unknown = sorted(set(options) - set(strategy_options(name)))
+    if unknown:
+        raise ValueError(f"strategy spec {spec!r}: {name!r} has no option(s) {unknown}")
+    return name, options
+
+
+def _value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _spread(values: list[float | None]) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def run_comparison(model, tokenizer, tasks: Sequence[Task], specs: Sequence[str], seeds: Sequence[int],
+                   config: RunConfig, out: str, progress: bool = True,
+                   log: Callable[[str], None] = print, extra: dict | None = None) -> dict:
+    """Run every strategy spec with every seed on a fresh copy of ``model``; returns the summary.
+
+    ``config`` sets everything but the strategy and the seeds (its ``seed`` and
+    ``train.seed`` are replaced by each seed).
+    """
+    parsed = {spec: parse_spec(spec) for spec in specs}  # every spec checked before anything runs
+    if not seeds:
+        raise ValueError("run_comparison: no seeds")
+    runs: dict[str, list[dict]] = {}
+    for spec, (name, options) in parsed.items():
+        for seed in seeds:
+            run_dir = os.path.join(out, "runs", spec.replace(":", "_").replace(",", "_").replace("=", "-"),
+                                   f"seed{seed}")
+            report_path = os.path.join(run_dir, "report.json")
+            existing = None
+            if os.path.isfile(report_path):
+                with open(report_path) as f:
+                    existing = json.load(f)
+            if existing and existing.get("status") == "complete":
+                log(f"{spec} seed {seed}: done earlier, {report_path}")
+                runs.setdefault(spec, []).append(existing)
+                continue
+            run_config = RunConfig(lora=config.lora, train=type(config.train)(**{**config.train.to_dict(),
+                                                                                  "seed": seed}),
+                                   strategy=name, strategy_options=options, eval_batch_size=config.eval_batch_size,
+                                   max_test=config.max_test, max_prompt_tokens=config.max_prompt_tokens, seed=seed)
+            log(f"{spec} seed {seed}: {'resuming' if existing else 'running'} into {run_dir}")
+            fresh = copy.deepcopy(model)  # the base weights untouched by earlier runs (LoRA-GA, SLICE change them)
+            start = time.perf_counter()
+            report = run_stream(fresh, tokenizer, tasks, run_config, out=run_dir, progress=progress,
+                                log=lambda s: None, extra_report={"spec": spec, **(extra or {})},
+                                resume=existing is not None)
+            del fresh
+            bwt = "n/a" if report["bwt"] is None else f"{report['bwt']:+.3f}"
+            log(f"{spec} seed {seed}: AA {report['aa']:.3f}, BWT {bwt} in {time.perf_counter() - start:.0f} s")
+            runs.setdefault(spec, []).append(report)
+    summary = summarize(runs, [t.name for t in tasks], list(seeds))
+    from slao_kernels.io import write_atomic, write_json_atomic
+
+    write_json_atomic(os.path.join(out, "results.json"), {**summary, "config": config.to_dict(), **(extra or {})})
+    table = format_summary(summary)
+    write_atomic(os.path.join(out, "results.md"), lambda f: f.write(table.encode()))
+    summary["plots"] = plot_summary(summary, out, log=log)
+    return summary
+
+
+def summarize(runs: dict[str, list[dict]], task_names: list[str], seeds: list[int]) -> dict:
+    """Mean and spread over seeds of every metric, memory and time, per strategy spec."""
+    strategies = {}
+    for spec, reports in runs.items():
+        per_task_s = [t["train_s"] + t["begin_s"] + t["end_s"] for r in reports for t in r["timings"]["tasks"]]
+        strategies[spec] = {
+            **{k: _spread([r[k] for r in reports]) for k in METRICS},
+            "adapter_bytes_first": reports[0]["adapter_bytes"][0],
+            "adapter_bytes_last": reports[0]["adapter_bytes"][-1],
+            "adapter_bytes": reports[0]["adapter_bytes"],
+            "train_s_per_task": _spread(per_task_s),
+            "runs": [{"seed": r["config"]["seed"], **{k: r[k] for k in METRICS},
+                      "accuracy_matrix": r["accuracy_matrix"], "zero_shot": r["zero_shot"]} for r in reports],
+        }
+    return {"tasks": task_names, "seeds": seeds, "strategies": strategies}
+
+
+def _cell(spread: dict, signed: bool = False) -> str:
+    if spread["mean"] is None:
+        return "n/a"
+    fmt = "+.3f" if signed else ".3f"
+    return f"{spread['mean']:{fmt}} ± {spread['std']:.3f}"
+
+
+def format_summary(summary: dict) -> str:
+    """A Markdown table of :func:`summarize`'s output."""
+    seeds = summary["seeds"]
+    lines = [f"Tasks: {' → '.join(summary['tasks'])}; mean ± standard deviation over seeds {seeds}.", "",
+             "| strategy | AA | BWT | FWT | forgetting | AP | FP | adapter memory (first → last task) "
+             "| s per task |", "|---|---|---|---|---|---|---|---|---|"]
+    for spec, s in summary["strategies"].items():
+        mem = f"{s['adapter_bytes_first'] / 2**20:.2f} → {s['adapter_bytes_last'] / 2**20:.2f} MiB"
+        lines.append(f"| {spec} | {_cell(s['aa'])} | {_cell(s['bwt'], True)} | {_cell(s['fwt'], True)} | "
+                     f"{_cell(s['forgetting'])} | {_cell(s['ap'])} | {_cell(s['fp'])} | {mem} | "
+                     f"{s['train_s_per_task']['mean']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_summary(summary: dict, out: str, log: Callable[[str], None] = print) -> list[str]:
+    """``quality.png`` (AA and BWT with error bars) and ``memory.png``; [] without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed: no plots")
+        return []
+    from slao_kernels.io import write_atomic
+
+    specs = list(summary["strategies"])
+    paths = []
+
+    def save(fig, name):
+        path = os.path.join(out, name)
+        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
+        plt.close(fig)
+        paths.append(path)
+
+    fig, axes = plt.subplots(1, 2, figsize=(max(7.0, 1.1 * len(specs) * 2), 3.8))
+    for ax, key, title in ((axes[0], "aa", "average accuracy (AA)"), (axes[1], "bwt", "backward transfer (BWT)")):
+        means = [summary["strategies"][s][key]["mean"] or 0.0 for s in specs]
+        stds = [summary["strategies"][s][key]["std"] or 0.0 for s in specs]
+        ax.bar(range(len(specs)), means, yerr=stds, capsize=3, color=["C0" if s == "slao" else "C7" for s in specs])
+        ax.set_xticks(range(len(specs)), specs, rotation=45, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.axhline(0.0, color="black", linewidth=0.6)
+        ax.grid(axis="y", alpha=0.3)
+    save(fig, "quality.png")
+
+    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    for s in specs:
+        mem = summary["strategies"][s]["adapter_bytes"]
+        ax.plot(range(1, len(mem) + 1), [b / 2**20 for b in mem], marker="o", label=s)
+    ax.set_xlabel("tasks trained")
+    ax.set_ylabel("adapter memory (MiB)")
+    ax.set_xticks(range(1, len(summary["tasks"]) + 1))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("adapter memory over the stream", fontsize=10)
+    save(fig, "memory.png")
+    return paths

@@ -1,0 +1,59 @@
+"""The quality benchmark's harness (slao_kernels.continual.compare) on a tiny Llama."""
+
+import json
+import os
+import statistics
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_tokenizer
+
+from slao_kernels.continual import RunConfig, TrainConfig, generated_suite
+from slao_kernels.continual.compare import format_summary, parse_spec, run_comparison
+from slao_kernels.patching import LoRAConfig
+
+
+def test_specs_parse_and_are_checked():
+    assert parse_spec("slao") == ("slao", {})
+    assert parse_spec("slice:c=0.5,scope=module") == ("slice", {"c": 0.5, "scope": "module"})
+    assert parse_spec("olora:weight=1") == ("olora", {"weight": 1})
+    with pytest.raises(ValueError, match="no option"):
+        parse_spec("slao:lr=1")
+    with pytest.raises(ValueError, match="unknown strategy"):
+        parse_spec("ewc")
+    with pytest.raises(ValueError, match="key=value"):
+        parse_spec("slao:random")
+
+
+def test_comparison_runs_summarizes_and_skips_finished_runs(tmp_path):
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = tiny_model(vocab_size=len(tokenizer), max_position_embeddings=256, initializer_range=0.2)
+    pristine = {k: v.clone() for k, v in model.state_dict().items()}
+    tasks = generated_suite("large,small", train_size=16, test_size=8)
+    config = RunConfig(lora=LoRAConfig(rank=4, alpha=8, targets=("q_proj", "v_proj")),
+                       train=TrainConfig(steps=2, batch_size=4, lr=1e-2), eval_batch_size=8)
+    specs, seeds = ["slao", "lora_ga:grad_batches=1", "inclora"], [0, 1]
+    lines = []
+    summary = run_comparison(model, tokenizer, tasks, specs, seeds, config, str(tmp_path), progress=False,
+                             log=lines.append)
+    assert all(torch.equal(v, pristine[k]) for k, v in model.state_dict().items())  # runs use copies
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert list(on_disk["strategies"]) == specs and on_disk["seeds"] == seeds
+    for spec in specs:
+        s = on_disk["strategies"][spec]
+        aas = [r["aa"] for r in s["runs"]]
+        assert len(aas) == 2 and [r["seed"] for r in s["runs"]] == seeds
+        assert s["aa"]["mean"] == pytest.approx(statistics.fmean(aas))
+        assert s["aa"]["std"] == pytest.approx(statistics.stdev(aas))
+    inc = on_disk["strategies"]["inclora"]
+    assert inc["adapter_bytes_last"] == 2 * inc["adapter_bytes_first"]
+    table = (tmp_path / "results.md").read_text()
+    assert table == format_summary(summary) and "| lora_ga:grad_batches=1 |" in table
+    assert sorted(os.path.basename(p) for p in summary["plots"]) == ["memory.png", "quality.png"]
+    # repeating the command re-uses finished runs
+    lines.clear()
+    again = run_comparison(model, tokenizer, tasks, specs, seeds, config, str(tmp_path), progress=False,
+                           log=lines.append)
+    assert sum("done earlier" in line for line in lines) == 6
+    assert again["strategies"]["slao"]["aa"] == summary["strategies"]["slao"]["aa"]
