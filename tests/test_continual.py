@@ -52,14 +52,18 @@ def _write_task(root, name, train, test, labels=None):
 
 def test_task_dir_errors_name_the_problem(tmp_path):
     _write_task(tmp_path, "ok", [("a", "x")], [("b", "y")])  # no labels.json: labels from the data
-    _write_task(tmp_path, "bad", [("a", "z")], [("b", "x")], labels=["x", "y"])
+    _write_task(tmp_path, "gaps", [("a", "x"), ("c", "-")], [("b", "y")], labels=["x", "y"])
     assert load_task_dir(tmp_path, "ok")[0].labels == ("x", "y")
+    with pytest.warns(UserWarning, match=r"1 of 2 train rows have labels \['-'\] that labels.json does not list"):
+        assert load_task_dir(tmp_path, "gaps")[0].train == (Example("a", "x"),)
     with pytest.raises(ValueError, match=r"label 'z', not one of \('x', 'y'\)"):
-        load_task_dir(tmp_path, "bad")
-    with pytest.raises(ValueError, match=r"unknown task\(s\) \['nope'\]; available: \['bad', 'ok'\]"):
+        Task("bad", "q", ("x", "y"), (Example("a", "z"),), (Example("b", "x"),))
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['nope'\]; available: \['gaps', 'ok'\]"):
         load_task_dir(tmp_path, "ok,nope")
     with pytest.raises(ValueError, match="more than once"):
         load_task_dir(tmp_path, "ok,ok")
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['bad'\]"):
+        load_task_dir(tmp_path, "bad")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_task_dir(tmp_path / "missing")
     (tmp_path / "ok" / "train.json").write_text("[{")

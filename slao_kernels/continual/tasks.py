@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -153,6 +154,17 @@ def _rows(raw, path: str) -> tuple[Example, ...]:
         raise ValueError(f"{path}: every row needs a 'sentence' and a 'label'") from None
 
 
+def _drop_unlabeled(name: str, split: str, rows: tuple[Example, ...], labels: list[str]) -> tuple[Example, ...]:
+    """Rows whose label is one of ``labels``; the others (MNLI's "-": annotators
+    did not agree) are dropped with a warning that counts them."""
+    kept = tuple(r for r in rows if r.label in labels)
+    if len(kept) < len(rows):
+        other = sorted({r.label for r in rows if r.label not in labels})
+        warnings.warn(f"task {name!r}: {len(rows) - len(kept)} of {len(rows)} {split} rows have labels {other} "
+                      f"that labels.json does not list; they are left out", UserWarning, stacklevel=3)
+    return kept
+
+
 def task_dir_names(directory: str) -> list[str]:
     """Names of the tasks in a CL_Benchmark-layout directory (sub-directories with a ``test.json``)."""
     if not os.path.isdir(directory):
@@ -172,6 +184,7 @@ def load_task_dir(directory: str, names: Sequence[str] | str | None = None) -> l
                              os.path.join(base, f"{s}.json")) for s in ("train", "test"))
         if os.path.isfile(labels_path):
             labels = [str(x) for x in _read_json(labels_path, f"task {name!r}")]
+            train, test = _drop_unlabeled(name, "train", train, labels), _drop_unlabeled(name, "test", test, labels)
         else:  # no labels.json: the labels seen in the data, in order of appearance
             labels = list(dict.fromkeys(r.label for r in train + test))
         tasks.append(Task(name, INSTRUCTIONS.get(name, GENERIC_INSTRUCTION), tuple(labels), train, test))
