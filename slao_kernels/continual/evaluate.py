@@ -6,8 +6,9 @@ For every test row the model scores each label option by its log-likelihood
 generated text.
 
 The prompt is run once per row, not once per option: prompts are left-padded
-into a batch and encoded with the KV cache kept; the cache is repeated for
-the K options, and only the option tokens run again. The output head (49k
+into a batch and encoded with the KV cache kept; then each multi-token option
+runs its tokens on that cache (appended, then cropped off again), for the
+whole batch at once. The output head (49k
 columns for SmolLM2, the largest GEMM on a CPU) is applied only at the
 positions that predict an option token.
 """
@@ -49,7 +50,7 @@ def score_options(model: nn.Module, prompts: list[list[int]], options: list[list
     """
     decoder, head = decoder_and_head(model)
     device = head.weight.device
-    n, k = len(prompts), len(options)
+    n = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     width = int(lengths.max())
     ids = torch.full((n, width), pad_id, dtype=torch.long, device=device)
@@ -63,26 +64,25 @@ def score_options(model: nn.Module, prompts: list[list[int]], options: list[list
     last_hidden = out.last_hidden_state[:, -1]  # predicts the first option token
     logits = head(last_hidden).float().log_softmax(-1)
     scores = logits[:, first].clone()  # (n, k)
-    longest = max(len(o) for o in options)
-    if longest == 1:
-        return scores
-    # The rest of each option: repeat the prompt cache K times, run the options' tokens.
-    opt_ids = torch.full((k, longest), pad_id, dtype=torch.long, device=device)
-    opt_mask = torch.zeros((k, longest), dtype=torch.long, device=device)
-    for j, o in enumerate(options):
-        opt_ids[j, :len(o)] = torch.tensor(o, device=device)
-        opt_mask[j, :len(o)] = 1
+    # The rest of each option, one option at a time on the shared prompt cache: the
+    # option's tokens are appended to it and cropped off again (repeating the cache
+    # K times instead would copy it K times).
     cache = out.past_key_values
-    cache.batch_repeat_interleave(k)
-    full_mask = torch.cat([mask.repeat_interleave(k, 0), opt_mask.repeat(n, 1)], dim=1)
-    opt_positions = lengths.repeat_interleave(k)[:, None] + torch.arange(longest, device=device)
-    hidden = decoder(input_ids=opt_ids.repeat(n, 1), attention_mask=full_mask, position_ids=opt_positions,
-                     past_key_values=cache, use_cache=False).last_hidden_state  # (n·k, longest, d)
-    # option token t ≥ 1 is predicted at option position t−1; gather only those rows
-    seq, pos = (opt_mask[:, 1:] > 0).repeat(n, 1).nonzero(as_tuple=True)
-    targets = opt_ids[:, 1:].repeat(n, 1)[seq, pos]
-    rest = torch.zeros(n * k, device=device).index_add_(0, seq, _token_logprobs(head, hidden[seq, pos], targets))
-    return scores + rest.view(n, k)
+    for j, option in enumerate(options):
+        if len(option) == 1:
+            continue
+        ids_j = torch.tensor(option[:-1], device=device).expand(n, -1)  # the last token predicts nothing
+        mask_j = torch.cat([mask, torch.ones_like(ids_j)], dim=1)
+        pos_j = lengths[:, None] + torch.arange(len(option) - 1, device=device)
+        hidden = decoder(input_ids=ids_j, attention_mask=mask_j, position_ids=pos_j, past_key_values=cache,
+                         use_cache=True).last_hidden_state  # (n, len − 1, d)
+        cache.crop(-(len(option) - 1))  # a negative count removes that many tokens (transformers 4.4x to 5.x)
+        if cache.get_seq_length() != width:
+            raise RuntimeError(f"the KV cache holds {cache.get_seq_length()} positions after cropping, expected {width}")
+        targets = torch.tensor(option[1:], device=device).repeat(n)
+        logp = _token_logprobs(head, hidden.reshape(-1, hidden.shape[-1]), targets)
+        scores[:, j] += logp.view(n, -1).sum(1)
+    return scores
 
 
 def evaluate_task(model: nn.Module, encoder: PromptEncoder, task: Task, batch_size: int = 16,
