@@ -113,3 +113,28 @@ def test_bad_construction(kwargs, exc, match):
 def test_wrapping_a_non_linear_is_refused():
     with pytest.raises(TypeError, match="wraps an nn.Linear"):
         LoRALinear(nn.Conv1d(3, 3, 1), rank=1, alpha=1)
+
+
+def test_frozen_adapters_add_up_and_merge():
+    """freeze_adapter keeps the output, the frozen factors take no gradient, and merge /
+    delta_weight cover the frozen adapters with the trainable one."""
+    torch.manual_seed(0)
+    m = LoRALinear(torch.nn.Linear(24, 20), rank=3, alpha=6.0)
+    x = torch.randn(5, 24)
+    adapters = []
+    for _ in range(3):
+        with torch.no_grad():
+            m.lora_B.normal_()
+        adapters.append((m.lora_A.detach().clone(), m.lora_B.detach().clone()))
+        before = m(x)
+        m.freeze_adapter()
+        torch.testing.assert_close(m(x), before)  # the new adapter starts at B = 0
+    assert m.frozen_A.shape == (9, 24) and m.frozen_B.shape == (20, 9) and "frozen_adapters=3" in repr(m)
+    expected = sum(B @ A for A, B in adapters) * 2.0
+    torch.testing.assert_close(m.delta_weight(), expected, rtol=1e-5, atol=1e-6)
+    m(x).sum().backward()
+    assert m.lora_B.grad is not None and m.frozen_B.grad is None
+    assert "frozen_A" not in m.state_dict()  # strategies checkpoint them, the model's state dict is unchanged
+    out = m(x)
+    m.merge()
+    torch.testing.assert_close(m(x), out, rtol=1e-5, atol=1e-5)
