@@ -134,13 +134,16 @@ def _cell(spread: dict, signed: bool = False) -> str:
     if spread["mean"] is None:
         return "n/a"
     fmt = "+.3f" if signed else ".3f"
+    if spread["n"] < 2:  # one seed: no spread to show
+        return f"{spread['mean']:{fmt}}"
     return f"{spread['mean']:{fmt}} ± {spread['std']:.3f}"
 
 
 def format_summary(summary: dict) -> str:
     """A Markdown table of :func:`summarize`'s output."""
     seeds = summary["seeds"]
-    lines = [f"Tasks: {' → '.join(summary['tasks'])}; mean ± standard deviation over seeds {seeds}.", "",
+    spread = f"mean ± standard deviation over seeds {seeds}" if len(seeds) > 1 else f"one seed ({seeds[0]})"
+    lines = [f"Tasks: {' → '.join(summary['tasks'])}; {spread}.", "",
              "| strategy | AA | BWT | FWT | forgetting | AP | FP | adapter memory (first → last task) "
              "| s per task |", "|---|---|---|---|---|---|---|---|---|"]
     for spec, s in summary["strategies"].items():
