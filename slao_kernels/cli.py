@@ -99,23 +99,9 @@ def _load_model(spec, device: str, log):
     return model, tokenizer, seconds
 
 
-def _option_value(text: str):
-    """A --option value: an int, a float, true/false/none, or the string itself."""
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered == "none":
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
 def cmd_run(args) -> int:
     from slao_kernels.continual.report import format_report
+    from slao_kernels.continual.strategies import option_value, strategy_options
     from slao_kernels.continual.runner import RunConfig, run_stream
     from slao_kernels.continual.train import TrainConfig
     from slao_kernels.patching import LoRAConfig
@@ -136,7 +122,7 @@ def cmd_run(args) -> int:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UsageError(f"--option takes KEY=VALUE, got {item!r}")
-        options[key] = _option_value(value)
+        options[key] = option_value(value)
     if any(k in options for k in ("lam", "init", "merge")) and args.strategy != "slao":
         raise UsageError(f"--lam/--init/--merge are options of the slao strategy, not {args.strategy!r}")
     if "lam" in options and options["lam"] not in ("inv_sqrt", "inv"):
@@ -155,8 +141,6 @@ def cmd_run(args) -> int:
             max_test=args.max_test, seed=args.seed)
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from None
-    from slao_kernels.continual.strategies import strategy_options
-
     unknown = sorted(set(options) - set(strategy_options(args.strategy)))  # also: an unknown strategy
     if unknown:
         raise UsageError(f"strategy {args.strategy!r} has no option(s) {unknown}; its options: "

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from slao_kernels.continual.runner import RunConfig, run_stream
-from slao_kernels.continual.strategies import strategy_options
+from slao_kernels.continual.strategies import option_value, strategy_options
 from slao_kernels.continual.tasks import Task
 
 METRICS = ("aa", "bwt", "fwt", "forgetting", "ap", "fp")
@@ -40,20 +40,11 @@ def parse_spec(spec: str) -> tuple[str, dict]:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"strategy spec {spec!r}: options are key=value, got {item!r}")
-        options[key] = _value(value)
+        options[key] = option_value(value)
     unknown = sorted(set(options) - set(strategy_options(name)))
     if unknown:
         raise ValueError(f"strategy spec {spec!r}: {name!r} has no option(s) {unknown}")
     return name, options
-
-
-def _value(text: str):
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def _spread(values: list[float | None]) -> dict:

@@ -414,6 +414,21 @@ STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "lora_ga": LoRAGA, "slice": SLICE}
 
 
+def option_value(text: str):
+    """A strategy option given as text (CLI, specs): an int, a float, true/false/none, or the string."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def strategy_options(name: str) -> list[str]:
     """The option names strategy ``name`` accepts (its constructor's, through ``**options``)."""
     import inspect
