@@ -4,6 +4,7 @@
 at collection time, before any test module imports slao_kernels.
 """
 
+import contextlib
 import os
 
 import torch
@@ -73,3 +74,23 @@ def tiny_tokenizer():
     tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=320, special_tokens=["<eos>"],
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@contextlib.contextmanager
+def interrupted_at_task(task: int):
+    """Inside this block, run_stream is interrupted (KeyboardInterrupt, as by Ctrl-C) when it
+    starts training task ``task`` (1-based); the block expects that interrupt."""
+    from slao_kernels.continual import runner
+
+    real, calls = runner.train_task, []
+
+    def train(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == task:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner, "train_task", train)
+        with pytest.raises(KeyboardInterrupt):
+            yield

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import DATA_DIR, tiny_model, tiny_tokenizer
+from conftest import DATA_DIR, interrupted_at_task, tiny_model, tiny_tokenizer
 
 from slao_kernels import SLAO, LoRAConfig, patch_llama
 from slao_kernels.continual import (ORDERS, Example, PromptEncoder, RunConfig, Task, TrainConfig, cl_metrics,
@@ -287,21 +287,10 @@ def test_run_stream_writes_a_complete_report(tmp_path, tokenizer):
     assert "after small" in text and "AA" in text and "BWT" in text
 
 
-def test_a_crash_leaves_the_finished_tasks_report(tmp_path, tokenizer, monkeypatch):
-    from slao_kernels.continual import runner
-
+def test_a_crash_leaves_the_finished_tasks_report(tmp_path, tokenizer):
     tasks = generated_suite("large,small", train_size=16, test_size=8)
-    calls = []
-
-    def failing_train(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # the user interrupts task 2
-        return train_task(*args, **kwargs)
-
-    monkeypatch.setattr(runner, "train_task", failing_train)
     model = _model(tokenizer)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_task(2):  # the user interrupts task 2
         run_stream(model, tokenizer, tasks, _tiny_run_config(), out=str(tmp_path), progress=False, log=lambda s: None)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["status"] == "running" and len(report["accuracy_matrix"]) == 1
@@ -384,8 +373,7 @@ def test_callback_clears_a_reused_optimizer():
 
 
 
-def test_resuming_an_interrupted_run_reproduces_the_uninterrupted_one(tmp_path, tokenizer, monkeypatch):
-    from slao_kernels.continual import runner
+def test_resuming_an_interrupted_run_reproduces_the_uninterrupted_one(tmp_path, tokenizer):
     from slao_kernels.patching import lora_modules
 
     tasks = generated_suite("large,small,last_big", train_size=16, test_size=8)
@@ -395,19 +383,9 @@ def test_resuming_an_interrupted_run_reproduces_the_uninterrupted_one(tmp_path, 
     whole_model = _model(tokenizer)
     whole = run_stream(whole_model, tokenizer, tasks, config, out=str(tmp_path / "whole"), **quiet)
 
-    real_train, calls = runner.train_task, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_train(*args, **kwargs)
-
-    monkeypatch.setattr(runner, "train_task", interrupted)
     torch.manual_seed(0)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_task(3):
         run_stream(_model(tokenizer), tokenizer, tasks, config, out=str(tmp_path / "cut"), **quiet)
-    monkeypatch.setattr(runner, "train_task", real_train)
     torch.manual_seed(0)
     resumed_model = _model(tokenizer)  # a fresh process: the base model, nothing else
     resumed = run_stream(resumed_model, tokenizer, tasks, config, out=str(tmp_path / "cut"), resume=True, **quiet)

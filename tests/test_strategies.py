@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from conftest import interrupted_at_task, tiny_model, tiny_tokenizer
 
 from slao_kernels import LoRAConfig, patch_llama
 from slao_kernels.continual import PromptEncoder, RunConfig, TrainConfig, generated_suite, run_stream
@@ -231,28 +231,16 @@ def test_bad_strategy_options(strategy, options, tokenizer):
 
 
 @pytest.mark.parametrize("strategy", ["inclora", "slice"])
-def test_resume_restores_frozen_adapters_and_replay_buffer(strategy, tokenizer, tmp_path, monkeypatch):
-    from slao_kernels.continual import runner
-
+def test_resume_restores_frozen_adapters_and_replay_buffer(strategy, tokenizer, tmp_path):
     config = RunConfig(lora=LORA, train=TrainConfig(steps=2, batch_size=4, lr=1e-2), eval_batch_size=8,
                        strategy=strategy, strategy_options={"grad_batches": 1, "buffer_per_task": 4}
                        if strategy == "slice" else {})
     quiet = dict(progress=False, log=lambda s: None)
     torch.manual_seed(0)
     whole = run_stream(_model(tokenizer), tokenizer, _tasks(), config, out=str(tmp_path / "a"), **quiet)
-    real, calls = runner.train_task, []
-
-    def cut(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(runner, "train_task", cut)
     torch.manual_seed(0)  # the same base model in every run
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_task(3):
         run_stream(_model(tokenizer), tokenizer, _tasks(), config, out=str(tmp_path / "b"), **quiet)
-    monkeypatch.setattr(runner, "train_task", real)
     torch.manual_seed(0)
     resumed = run_stream(_model(tokenizer), tokenizer, _tasks(), config, out=str(tmp_path / "b"), resume=True,
                          **quiet)

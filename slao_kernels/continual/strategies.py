@@ -92,6 +92,10 @@ class Strategy:
         from slao_kernels.io import load_checkpoint
 
         meta, tensors = load_checkpoint(directory)
+        self._restore(directory, meta, tensors)
+
+    def _restore(self, directory: str, meta: dict, tensors: dict) -> None:
+        """Put a loaded checkpoint's state in place; subclasses add their own parts."""
         if meta.get("strategy") != self.name:
             raise ValueError(f"{directory} holds a {meta.get('strategy')!r} checkpoint, not {self.name!r}")
         for n, m in self.modules.items():
@@ -176,11 +180,8 @@ class IncLoRA(Strategy):
                    for f in ("lora_A", "lora_B", "frozen_A", "frozen_B")}
         save_checkpoint(directory, tensors, {"strategy": self.name, "tasks_begun": self.tasks_begun})
 
-    def load(self, directory: str) -> None:
-        from slao_kernels.io import load_checkpoint
-
-        meta, tensors = load_checkpoint(directory)
-        super().load(directory)
+    def _restore(self, directory: str, meta: dict, tensors: dict) -> None:
+        super()._restore(directory, meta, tensors)
         for n, m in self.modules.items():
             m.frozen_A = tensors[f"{n}.frozen_A"].to(m.lora_A)
             m.frozen_B = tensors[f"{n}.frozen_B"].to(m.lora_B)
@@ -276,9 +277,6 @@ class _MergedInit(Strategy):
                 m.reset_lora_parameters()  # B = 0: the merged model's output is unchanged
         return {}
 
-    def state_bytes(self) -> int:
-        return super().state_bytes()  # the knowledge lives in the (modified) base weights
-
     def config(self) -> dict:
         return {"grad_batches": self.grad_batches, "max_gradient_bytes": self.max_gradient_bytes}
 
@@ -288,11 +286,8 @@ class _MergedInit(Strategy):
         tensors = {f"{n}.{f}": getattr(m, f) for n, m in self.modules.items() for f in ("lora_A", "lora_B", "weight")}
         save_checkpoint(directory, tensors, {"strategy": self.name, "tasks_begun": self.tasks_begun})
 
-    def load(self, directory: str) -> None:
-        from slao_kernels.io import load_checkpoint
-
-        meta, tensors = load_checkpoint(directory)
-        super().load(directory)
+    def _restore(self, directory: str, meta: dict, tensors: dict) -> None:
+        super()._restore(directory, meta, tensors)
         with torch.no_grad():
             for n, m in self.modules.items():
                 m.weight.copy_(tensors[f"{n}.weight"])
@@ -397,15 +392,12 @@ class SLICE(_MergedInit):
         save_checkpoint(directory, tensors, {"strategy": self.name, "tasks_begun": self.tasks_begun,
                                              "buffer": buffer})
 
-    def load(self, directory: str) -> None:
-        from slao_kernels.io import load_checkpoint
-
-        super().load(directory)
-        meta, _ = load_checkpoint(directory)
+    def _restore(self, directory: str, meta: dict, tensors: dict) -> None:
         by_name = {t.name: t for t in self.tasks}
         missing = sorted({name for name, _ in meta["buffer"]} - set(by_name))
-        if missing:
+        if missing:  # checked before anything is restored
             raise ValueError(f"{directory}: the replay buffer holds rows of tasks {missing} this run does not have")
+        super()._restore(directory, meta, tensors)
         self.buffer = [(by_name[name], by_name[name].train[i]) for name, i in meta["buffer"]]
 
 
