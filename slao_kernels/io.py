@@ -32,6 +32,8 @@ import tempfile
 import torch
 from torch import nn
 
+from slao_kernels.distributed import barrier, gather, is_main_process, unwrap_model, write_full_
+
 CHECKPOINT_FORMAT = "slao_kernels.slao/1"
 PEFT_PREFIX = "base_model.model."
 
@@ -149,7 +151,7 @@ def load_checkpoint(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
 def _lora_modules(model: nn.Module):
     from slao_kernels.patching import lora_modules
 
-    modules = lora_modules(model)
+    modules = lora_modules(unwrap_model(model))
     if not modules:
         raise ValueError("the model has no LoRA adapters: call slao_kernels.patch_llama(model, config) first")
     return modules
@@ -160,7 +162,8 @@ def save_peft_adapter(model: nn.Module, directory: str, base_model_name_or_path:
     merged one) in PEFT's on-disk format; returns the files written.
 
     All adapted modules must share rank, alpha, rsLoRA and dropout (a single
-    ``LoRAConfig``, as :func:`~slao_kernels.patch_llama` makes).
+    ``LoRAConfig``, as :func:`~slao_kernels.patch_llama` makes). In a distributed
+    run call it on every rank: sharded adapters are gathered, rank 0 writes.
     """
     modules = _lora_modules(model)
     shapes = {(m.rank, m.alpha, m.rslora, getattr(m.dropout, "p", 0.0)) for m in modules.values()}
@@ -172,8 +175,8 @@ def save_peft_adapter(model: nn.Module, directory: str, base_model_name_or_path:
         raise ValueError(f"save_peft_adapter: {merged[:3]} are merged into their base weights; unmerge() first")
     tensors = {}
     for name, m in modules.items():
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = gather(m.lora_A)  # a collective when sharded
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = gather(m.lora_B)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
         "target_modules": sorted({n.rpartition(".")[2] for n in modules}), "lora_dropout": dropout,
@@ -182,10 +185,12 @@ def save_peft_adapter(model: nn.Module, directory: str, base_model_name_or_path:
         "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
         "base_model_name_or_path": base_model_name_or_path, "revision": None,
     }
-    data = _safetensors_bytes(tensors, metadata={"format": "pt"})
     files = [os.path.join(directory, "adapter_model.safetensors"), os.path.join(directory, "adapter_config.json")]
-    write_atomic(files[0], lambda f: f.write(data))
-    write_atomic(files[1], lambda f: f.write(json.dumps(config, indent=2, sort_keys=True).encode()))
+    if is_main_process():
+        data = _safetensors_bytes(tensors, metadata={"format": "pt"})
+        write_atomic(files[0], lambda f: f.write(data))
+        write_atomic(files[1], lambda f: f.write(json.dumps(config, indent=2, sort_keys=True).encode()))
+    barrier()
     return files
 
 
@@ -198,6 +203,7 @@ def load_peft_adapter(model: nn.Module, directory: str) -> list[str]:
     """
     from slao_kernels.patching import LoRAConfig, lora_modules, patch_llama
 
+    model = unwrap_model(model)
     config = _read_json(os.path.join(directory, "adapter_config.json"), "PEFT adapter")
     if config.get("peft_type") != "LORA":
         raise ValueError(f"PEFT adapter: peft_type is {config.get('peft_type')!r}, only 'LORA' is supported")
@@ -256,6 +262,6 @@ def load_peft_adapter(model: nn.Module, directory: str) -> list[str]:
         target = lora_modules(model)
     with torch.no_grad():
         for name, pair in weights.items():
-            target[name].lora_A.copy_(pair["lora_A"])
-            target[name].lora_B.copy_(pair["lora_B"])
+            write_full_(target[name].lora_A, pair["lora_A"])  # sharded: this rank's rows
+            write_full_(target[name].lora_B, pair["lora_B"])
     return sorted(weights)

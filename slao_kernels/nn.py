@@ -4,7 +4,8 @@ The module takes over the wrapped linear's own ``weight`` and ``bias``
 Parameter objects (no copy) under the same names, so a patched model's
 ``state_dict`` keeps the base keys (``...q_proj.weight``) and adds
 ``...q_proj.lora_A`` / ``...q_proj.lora_B``. The original ``nn.Linear`` is kept
-aside, unregistered, for :meth:`LoRALinear.to_linear`.
+aside, unregistered and without its parameters (so it pins no tensor that
+FSDP2 or ``load_state_dict`` replaces), for :meth:`LoRALinear.to_linear`.
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ class LoRALinear(nn.Module):
         self.register_buffer("frozen_A", torch.empty(0, self.in_features, **factory), persistent=False)
         self.register_buffer("frozen_B", torch.empty(self.out_features, 0, **factory), persistent=False)
         self.reset_lora_parameters()
+        # This module owns them now; the shell gets the current ones back in to_linear().
+        base.register_parameter("weight", None)
+        base.register_parameter("bias", None)
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:

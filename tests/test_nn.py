@@ -12,8 +12,12 @@ from slao_kernels.reference import lora_linear_ref
 
 def test_wraps_without_copy_and_freezes_base():
     base = nn.Linear(32, 24)
+    weight, bias = base.weight, base.bias
     m = LoRALinear(base, rank=4, alpha=8)
-    assert m.weight is base.weight and m.bias is base.bias
+    assert m.weight is weight and m.bias is bias
+    # the shell kept for to_linear() pins no tensor (FSDP2 replaces the module's parameters)
+    assert base.weight is None and base.bias is None and list(base.parameters()) == []
+    assert m.to_linear() is base and base.weight is weight and base.bias is bias
     assert not m.weight.requires_grad and not m.bias.requires_grad
     assert m.lora_A.shape == (4, 32) and m.lora_B.shape == (24, 4)
     assert m.lora_A.requires_grad and m.lora_B.requires_grad
@@ -23,9 +27,10 @@ def test_wraps_without_copy_and_freezes_base():
 
 def test_fresh_adapter_leaves_output_unchanged():
     base = nn.Linear(32, 24)
-    m = LoRALinear(base, rank=4, alpha=8)
     x = torch.randn(3, 5, 32)
-    assert torch.equal(m(x), base(x))
+    expected = base(x)
+    m = LoRALinear(base, rank=4, alpha=8)
+    assert torch.equal(m(x), expected)
 
 
 @pytest.mark.parametrize("rslora,expected", [(False, 16 / 4), (True, 16 / math.sqrt(4))])
@@ -66,11 +71,11 @@ def test_merge_unmerge():
     m.merge()
     assert m.merged
     torch.testing.assert_close(m(x), y)  # same function, now one GEMM
-    torch.testing.assert_close(base.weight, w0 + m.scaling * m.lora_B @ m.lora_A)
+    torch.testing.assert_close(m.weight, w0 + m.scaling * m.lora_B @ m.lora_A)
     with pytest.raises(RuntimeError, match="already merged"):
         m.merge()
     m.unmerge()
-    torch.testing.assert_close(base.weight, w0)  # fp32: exact up to one rounding
+    torch.testing.assert_close(m.weight, w0)  # fp32: exact up to one rounding
     with pytest.raises(RuntimeError, match="not merged"):
         m.unmerge()
 

@@ -20,6 +20,15 @@ Ablations (the paper's table, and the ``last_ft`` control of an independent
 reproduction): ``init`` ∈ {"orthogonal", "last_ft", "last_merge", "random"},
 ``merge`` ∈ {"B", "A", "AB", "none"}, ``lam`` ∈ {"inv_sqrt", "inv", float c}.
 
+Distributed training (see :mod:`slao_kernels.distributed`): create the
+controller on the model after wrapping it (DDP) or sharding it (FSDP2,
+:func:`~slao_kernels.distributed.shard_llama`), and call every method on every
+rank. With replicated adapters each rank runs the same task switch on the same
+tensors, with no communication. With sharded ones the buffers are sharded like
+their parameters, the merge runs on the local rows, and the orthonormal init
+all-gathers each ``A`` (r×in); :meth:`save` gathers everything and writes from
+rank 0 only, and :meth:`load` reads at any world size.
+
 Optimizers: create a new one after every ``begin_task()``. Adam's moments
 from task i−1 describe parameters that ``begin_task`` has just replaced
 (orthonormalized A, the fine-tuned B); carrying them over would apply stale
@@ -31,11 +40,14 @@ always the right list.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
+from slao_kernels import distributed as dist_utils
+from slao_kernels.distributed import gather, is_sharded, local, write_full_
 from slao_kernels.nn import LoRALinear
 from slao_kernels.ops.orthonormalize import orthonormalize_rows_
 from slao_kernels.ops.scaled_merge import scaled_merge_
@@ -86,6 +98,7 @@ class SLAO:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         if merge not in MERGES:
             raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+        model = dist_utils.unwrap_model(model)  # DDP's "module." would leak into the checkpoint's names
         self.modules: dict[str, LoRALinear] = lora_modules(model)
         if not self.modules:
             raise ValueError("SLAO needs a model with LoRA adapters: call slao_kernels.patch_llama(model, config) first")
@@ -107,6 +120,8 @@ class SLAO:
         """Initialize the adapter for the next task; returns its 1-based index."""
         if self.in_task:
             raise RuntimeError(f"begin_task(): task {self.task_index} has not ended; call end_task() first")
+        dist_utils.reshard(self.model)
+        self._check_layout()
         self.task_index += 1
         self.in_task = True
         if self.task_index == 1:
@@ -116,19 +131,19 @@ class SLAO:
         # Save the merged factors, put the fine-tuned ones (or the init) in the model.
         if self.init == "last_merge":  # train on from the merged adapter; remember it for the merge
             for n, m in zip(names, layers):
-                self._b_other[n].copy_(m.lora_B)
+                local(self._b_other[n]).copy_(local(m.lora_B))
                 if self.merge in ("A", "AB"):
-                    self._a_other[n].copy_(m.lora_A)
+                    local(self._a_other[n]).copy_(local(m.lora_A))
             return self.task_index
         for n, m in zip(names, layers):
             self._swap(m.lora_B, self._b_other, n)  # model: B_ft,i−1; buffer: B_merge,i−1
             if self.merge in ("A", "AB"):
                 self._swap(m.lora_A, self._a_other, n)  # model: A_ft,i−1; buffer: A_merge,i−1
-        if self.init == "orthogonal":  # in place: no result to allocate, no layers to stack
-            orthonormalize_rows_([m.lora_A.detach() for m in layers])
+        if self.init == "orthogonal":
+            self._orthonormalize([m.lora_A for m in layers])
         elif self.init == "random":
             for m in layers:
-                m.reset_lora_parameters()
+                self._reset(m)
         return self.task_index
 
     @torch.no_grad()
@@ -137,29 +152,32 @@ class SLAO:
         the merged adapter. Returns λ(i) used for this task."""
         if not self.in_task:
             raise RuntimeError("end_task(): no task in progress; call begin_task() first")
+        dist_utils.reshard(self.model)
+        self._check_layout()
         lam = merge_weight(self.lam, self.task_index)
         names = list(self.modules)
         layers = list(self.modules.values())
-        if not self._b_other:  # first task: allocate the one buffer per layer
+        if not self._b_other:  # first task: allocate the one buffer per layer (sharded like its parameter)
             self._b_other = {n: torch.empty_like(m.lora_B) for n, m in zip(names, layers)}
             if self.merge in ("A", "AB"):
                 self._a_other = {n: torch.empty_like(m.lora_A) for n, m in zip(names, layers)}
             for n, m in zip(names, layers):  # "merged so far" = this task's result (λ(1) = 1)
-                self._b_other[n].copy_(m.lora_B)
+                local(self._b_other[n]).copy_(local(m.lora_B))
                 if self._a_other:
-                    self._a_other[n].copy_(m.lora_A)
+                    local(self._a_other[n]).copy_(local(m.lora_A))
         # Buffers hold X_merge,i−1; the model holds X_ft,i. Merge into the buffer,
         # then swap: the model gets X_merge,i, the buffer keeps X_ft,i for the next init.
         for factor, buffers in (("lora_B", self._b_other), ("lora_A", self._a_other)):
             if not buffers:
                 continue
             merges = {"lora_A": "A", "lora_B": "B"}[factor] in self.merge
-            params = [getattr(m, factor) for m in layers]
-            bufs = [buffers[n] for n in names]
-            if merges:
-                scaled_merge_(bufs, [p.detach() for p in params], lam, check_finite=True)
-            else:  # not merged: the model keeps the fine-tuned factor as the "merged" one
-                for b, p in zip(bufs, params):
+            # the local rows (all of them unless sharded); a rank can hold none of a small A
+            pairs = [(local(buffers[n]), local(getattr(m, factor))) for n, m in zip(names, layers)]
+            pairs = [(b, p) for b, p in pairs if b.numel()]
+            if merges and pairs:
+                scaled_merge_([b for b, _ in pairs], [p for _, p in pairs], lam, check_finite=True)
+            elif not merges:  # not merged: the model keeps the fine-tuned factor as the "merged" one
+                for b, p in pairs:
                     b.copy_(p)
             for n, m in zip(names, layers):
                 self._swap(getattr(m, factor), buffers, n)
@@ -170,10 +188,57 @@ class SLAO:
 
     @staticmethod
     def _swap(param: nn.Parameter, buffers: dict, name: str) -> None:
-        """Exchange a parameter's tensor with its buffer (no copy; the Parameter keeps its identity)."""
+        """Exchange a parameter's values with its buffer's; the Parameter keeps its identity.
+
+        Plain tensors swap storage (no copy). A sharded parameter's local rows live
+        in storage FSDP2 owns and all-gathers from, so those are swapped by copying.
+        """
+        if is_sharded(param):
+            mine, other = local(param), local(buffers[name])
+            saved = mine.clone()
+            mine.copy_(other)
+            other.copy_(saved)
+            return
         current = param.data
         param.data = buffers[name]
         buffers[name] = current
+
+    def _orthonormalize(self, params: list[nn.Parameter]) -> None:
+        """``A ← Qᵀ`` for every layer, in place (no result to allocate, no layers to stack).
+
+        Sharded A's are gathered (r×in each), orthonormalized on every rank alike,
+        and each rank keeps its rows.
+        """
+        if not any(is_sharded(p) for p in params):
+            orthonormalize_rows_([p.detach() for p in params])
+            return
+        full = [gather(p) for p in params]
+        orthonormalize_rows_(full)
+        for p, f in zip(params, full):
+            write_full_(p, f)
+
+    @staticmethod
+    def _reset(module: LoRALinear) -> None:
+        """Fresh Kaiming-uniform A (the random-init ablation), the same on every rank:
+        in a distributed run rank 0's draw is broadcast, so ranks whose random
+        generators differ still agree."""
+        A = module.lora_A
+        if not dist_utils.initialized():
+            module.reset_lora_parameters()
+            return
+        full = torch.empty(A.shape, dtype=A.dtype, device=local(A).device)
+        nn.init.kaiming_uniform_(full, a=math.sqrt(5))
+        torch.distributed.broadcast(full, src=0)
+        write_full_(A, full)
+
+    def _check_layout(self) -> None:
+        """The buffers must be sharded exactly when the parameters are."""
+        for n, b in self._b_other.items():
+            param_sharded, buffer_sharded = is_sharded(self.modules[n].lora_B), is_sharded(b)
+            if param_sharded != buffer_sharded:
+                raise RuntimeError(f"SLAO: {n}.lora_B is {'' if param_sharded else 'not '}sharded but SLAO's buffer "
+                                   f"for it is {'' if buffer_sharded else 'not'}; create the controller (or call "
+                                   "SLAO.load) after fully_shard, not before")
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """The trainable adapter parameters (lora_A and lora_B of every layer)."""
@@ -182,9 +247,9 @@ class SLAO:
             yield m.lora_B
 
     def state_bytes(self) -> int:
-        """Bytes held for SLAO: the adapters in the model plus the controller's buffers."""
+        """Bytes held for SLAO on this rank: the adapters in the model plus the controller's buffers."""
         tensors = [p for p in self.parameters()] + list(self._b_other.values()) + list(self._a_other.values())
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(local(t).numel() * t.element_size() for t in tensors)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -195,28 +260,42 @@ class SLAO:
 
     def save(self, directory: str) -> str:
         """Checkpoint the adapter and the controller state between tasks (crash-safe,
-        see :mod:`slao_kernels.io`). Returns the path of ``slao.json``."""
+        see :mod:`slao_kernels.io`). Returns the path of ``slao.json``.
+
+        The checkpoint holds full tensors whatever the sharding. In a distributed
+        run every rank must call it (sharded tensors are gathered); rank 0 writes,
+        and every rank returns once the files are in place.
+        """
         from slao_kernels import __version__
         from slao_kernels.io import save_checkpoint
 
         if self.in_task:
             raise RuntimeError(f"save(): task {self.task_index} is in progress; checkpoint after end_task()")
+        dist_utils.reshard(self.model)
         tensors = {}
-        for n, m in self.modules.items():
-            tensors[f"{n}.lora_A"], tensors[f"{n}.lora_B"] = m.lora_A, m.lora_B
+        for n, m in self.modules.items():  # the same order on every rank: the gathers are collectives
+            tensors[f"{n}.lora_A"], tensors[f"{n}.lora_B"] = gather(m.lora_A), gather(m.lora_B)
             if n in self._b_other:
-                tensors[f"{n}.buffer_B"] = self._b_other[n]
+                tensors[f"{n}.buffer_B"] = gather(self._b_other[n])
             if n in self._a_other:
-                tensors[f"{n}.buffer_A"] = self._a_other[n]
+                tensors[f"{n}.buffer_A"] = gather(self._a_other[n])
         meta = {"library_version": __version__, "task_index": self.task_index,
                 "slao": {"lam": self.lam, "init": self.init, "merge": self.merge}, "layers": self._layer_meta()}
-        return save_checkpoint(directory, tensors, meta)
+        path = os.path.join(directory, "slao.json")
+        if dist_utils.is_main_process():
+            path = save_checkpoint(directory, tensors, meta)
+        dist_utils.barrier()  # nobody reads the checkpoint before rank 0 has renamed it into place
+        return path
 
     @classmethod
     def load(cls, model: nn.Module, directory: str) -> "SLAO":
         """Resume from :meth:`save`: a controller over ``model`` (patched with the same
         targets, rank and shapes) in the saved state. A missing, corrupted or
-        mismatched checkpoint raises before the model is touched."""
+        mismatched checkpoint raises before the model is touched.
+
+        Works at any world size: call it on every rank, after wrapping or
+        sharding the model; each rank reads the file and keeps the rows it holds.
+        """
         from slao_kernels.io import load_checkpoint
 
         meta, tensors = load_checkpoint(directory)
@@ -230,14 +309,16 @@ class SLAO:
             raise ValueError(f"SLAO.load: the checkpoint does not fit this model (layers only in the checkpoint: "
                              f"{only_saved}, only in the model: {only_model}, with other shapes or config: "
                              f"{[(n, saved[n], ours[n]) for n in differing]})")
+        dist_utils.reshard(slao.model)
         with torch.no_grad():
             for n, m in slao.modules.items():
-                m.lora_A.copy_(tensors[f"{n}.lora_A"])
-                m.lora_B.copy_(tensors[f"{n}.lora_B"])
-                if f"{n}.buffer_B" in tensors:
-                    slao._b_other[n] = tensors[f"{n}.buffer_B"].to(m.lora_B.device).clone()
-                if f"{n}.buffer_A" in tensors:
-                    slao._a_other[n] = tensors[f"{n}.buffer_A"].to(m.lora_A.device).clone()
+                write_full_(m.lora_A, tensors[f"{n}.lora_A"])
+                write_full_(m.lora_B, tensors[f"{n}.lora_B"])
+                for key, param, buffers in ((f"{n}.buffer_B", m.lora_B, slao._b_other),
+                                            (f"{n}.buffer_A", m.lora_A, slao._a_other)):
+                    if key in tensors:
+                        buffers[n] = torch.empty_like(param)  # sharded like the parameter
+                        write_full_(buffers[n], tensors[key])
         slao.task_index = int(meta["task_index"])
         return slao
 

@@ -1,0 +1,137 @@
+r"""Replicated (DDP) and sharded (FSDP2) adapters: the pieces SLAO's task switch needs.
+
+Under ``torchrun`` a model is either *replicated* (DDP, accelerate's default):
+every rank holds every parameter as a plain tensor, or *sharded* (FSDP2,
+``torch.distributed.fsdp.fully_shard``): between steps every parameter is a
+``DTensor`` whose rows (dim 0) are split over the ranks, ``torch.chunk`` style,
+so with r < world size some ranks hold none of an ``A``'s rows. Inside forward
+and backward FSDP2 all-gathers each layer and the ops see plain local tensors,
+so :class:`~slao_kernels.LoRALinear` needs nothing special; SLAO's task switch,
+which works between steps, does:
+
+* the merge ``B_merge ← B_merge + λ·(B_ft − B_merge)`` is elementwise, so every
+  rank merges the rows it holds (:func:`local`): no communication;
+* the orthonormal init needs all r rows of each ``A`` (its Gram matrix couples
+  them): :func:`gather` all-gathers the r×in matrices, every rank computes the
+  same ``Qᵀ`` from the same input (ranks of one job run the same kernels on the
+  same shapes) and keeps its own rows (:func:`write_full_`);
+* checkpoints hold full tensors: every rank takes part in the gather, the main
+  rank writes, and any world size (1 included) reads them back.
+
+``reshard`` comes first: after a forward under ``no_grad`` FSDP2 leaves the
+root module's parameters unsharded, and a write to an unsharded parameter is
+lost at the next reshard.
+
+Nothing here needs a process group: without one every helper is the identity
+(or a no-op), so single-process code runs the same path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+try:  # DTensor and FSDP2 are in every torch this project supports; guard the import anyway
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover - a torch built without distributed support
+    DTensor = FSDPModule = distribute_tensor = None
+
+
+def initialized() -> bool:
+    """Whether a default process group exists."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's global rank (0 without a process group)."""
+    return dist.get_rank() if initialized() else 0
+
+
+def world_size() -> int:
+    """Number of processes (1 without a process group)."""
+    return dist.get_world_size() if initialized() else 1
+
+
+def is_main_process() -> bool:
+    """Rank 0: the one process that writes files."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op without a process group)."""
+    if initialized():
+        dist.barrier()
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP / ``nn.DataParallel`` (``.module``) and ``torch.compile``
+    (``._orig_mod``) wrappers, so module paths are the same as on one process.
+    FSDP2 shards in place and needs no unwrapping."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP2 module of ``model`` back in its sharded state (no-op otherwise)."""
+    if FSDPModule is None:
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a ``DTensor`` (an FSDP2 parameter, or a buffer made like one)."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The part of ``t`` this rank holds, as a plain tensor sharing its storage
+    (all of ``t`` unless it is sharded); detached, for writes under ``no_grad``."""
+    return t.to_local().detach() if is_sharded(t) else t.detach()
+
+
+def gather(t: torch.Tensor) -> torch.Tensor:
+    """All of ``t`` as a plain tensor. For a sharded ``t`` this is a collective:
+    every rank must call it, in the same order."""
+    return t.full_tensor().detach() if is_sharded(t) else t.detach()
+
+
+def write_full_(t: torch.Tensor, full: torch.Tensor) -> None:
+    """Set ``t`` to ``full`` (``t``'s global shape): a sharded ``t`` copies only the
+    rows this rank holds, without communication."""
+    if tuple(full.shape) != tuple(t.shape):
+        raise ValueError(f"write_full_: expected a tensor of shape {tuple(t.shape)}, got {tuple(full.shape)}")
+    if is_sharded(t):
+        # src_data_rank=None: every rank has `full` and slices out its own part locally
+        full = distribute_tensor(full.detach().to(t.device), t.device_mesh, t.placements,
+                                 src_data_rank=None).to_local()
+    local(t).copy_(full)
+
+
+def shard_llama(model: nn.Module, **fsdp_kwargs) -> nn.Module:
+    """FSDP2 the way SLAO expects it: ``fully_shard`` on each decoder layer, then on the root.
+
+    Patch first (:func:`slao_kernels.patch_llama`), shard second, and create
+    (or :meth:`~slao_kernels.SLAO.load`) the controller after sharding. Keyword
+    arguments go to every ``fully_shard`` call (``mesh``, ``mp_policy``,
+    ``reshard_after_forward``, ...). Returns ``model``, sharded in place.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    inner = unwrap_model(model)
+    layers = getattr(getattr(inner, "model", inner), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ValueError(f"shard_llama: {type(inner).__name__} has no decoder layers at .model.layers; "
+                         "call fully_shard on its blocks yourself")
+    for layer in layers:
+        fully_shard(layer, **fsdp_kwargs)
+    fully_shard(inner, **fsdp_kwargs)
+    return model

@@ -1,0 +1,179 @@
+"""SLAO under torchrun (DDP, FSDP2) and accelerate launch, on CPU with gloo: two processes.
+
+Every run is ``slao_kernels.continual.scale_out`` (three short tasks on a tiny
+Llama), so a distributed run and the one-process reference see the same
+batches in the same order; only the split of each batch over the ranks differs.
+
+Tolerance: the runs differ by the order of fp32 sums over each batch (a
+relative 1e-7-level difference in every gradient). Adam normalizes each update
+to about ±lr, so that difference carries into the adapter in proportion,
+summed over 30 steps: measured 1.9e-5 at rank 8. ``ATOL`` is 1% of one update
+(lr = 1e-2); a real fault (rows written to the wrong rank, a merge lost, a shard
+left stale) moves entries by whole updates.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch import nn
+
+from slao_kernels import SLAO, LoRAConfig, patch_llama
+from slao_kernels import distributed as dist_utils
+from slao_kernels.continual import scale_out
+from conftest import tiny_model
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with gloo is needed")
+
+LR = 1e-2
+ATOL = 1e-2 * LR
+
+
+def _run_args(out, rank=8, *extra):
+    return ["--out", str(out), "--rank", str(rank), "--lr", str(LR), "--quiet", *extra]
+
+
+def _launch(launcher: list[str], args: list[str]) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", *launcher, "-m", "slao_kernels.continual.scale_out", *args],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, f"{' '.join(launcher)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+def torchrun(args):
+    _launch(["torch.distributed.run", "--standalone", "--nproc_per_node=2"], args)
+
+
+def checkpoint_tensors(out) -> dict[str, torch.Tensor]:
+    """Everything SLAO saved after the last task: A, B and the B_ft buffer of every layer."""
+    with open(os.path.join(out, "checkpoint", "slao.json")) as f:
+        meta = json.load(f)
+    return load_file(os.path.join(out, "checkpoint", meta["tensor_file"]))
+
+
+def assert_same_run(out, ref):
+    got, want = checkpoint_tensors(out), checkpoint_tensors(ref)
+    assert sorted(got) == sorted(want) and any(k.endswith("buffer_B") for k in want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=ATOL, msg=lambda m: f"{key}: {m}")
+    peft, peft_ref = (load_file(os.path.join(d, "adapter", "adapter_model.safetensors")) for d in (out, ref))
+    for key in peft_ref:
+        torch.testing.assert_close(peft[key], peft_ref[key], rtol=0, atol=ATOL)
+
+
+def progress(out) -> list[dict]:
+    with open(os.path.join(out, "progress.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One-process runs (in this process) at ranks 8 and 1: the results every engine must reproduce."""
+    runs = {}
+    for rank in (8, 1):
+        out = tmp_path_factory.mktemp(f"one_rank{rank}")
+        scale_out.main(_run_args(out / "run", rank))
+        runs[rank] = out / "run"
+    return runs
+
+
+def test_reference_run_learns_and_merges(reference):
+    tasks = progress(reference[8])
+    assert [t["task"] for t in tasks] == [1, 2, 3] and all(t["world_size"] == 1 for t in tasks)
+    assert all(t["last_loss"] < t["first_loss"] for t in tasks)
+    saved = checkpoint_tensors(reference[8])
+    # after task 3 the model holds B_merge,3 and the buffer B_ft,3: they differ unless the merge did nothing
+    b, b_ft = saved["model.layers.0.self_attn.q_proj.lora_B"], saved["model.layers.0.self_attn.q_proj.buffer_B"]
+    assert (b - b_ft).abs().max() > 1e-3
+
+
+def test_ddp_matches_one_process_and_replicas_stay_identical(reference, tmp_path):
+    torchrun(["--engine", "ddp", *_run_args(tmp_path / "ddp")])
+    tasks = progress(tmp_path / "ddp")
+    assert [t["world_size"] for t in tasks] == [2, 2, 2]
+    assert [t["replica_max_difference"] for t in tasks] == [0.0, 0.0, 0.0]  # bit-identical on both ranks
+    assert_same_run(tmp_path / "ddp", reference[8])
+
+
+def test_fsdp2_matches_one_process_and_resumes_sharded(reference, tmp_path):
+    out = tmp_path / "fsdp2"
+    torchrun(["--engine", "fsdp2", *_run_args(out, 8, "--stop-after", "1")])
+    assert [t["task"] for t in progress(out)] == [1]
+    assert not os.path.exists(out / "adapter")  # stopped early: no final adapter yet
+    torchrun(["--engine", "fsdp2", *_run_args(out, 8, "--resume")])  # SLAO.load on sharded parameters
+    assert [t["world_size"] for t in progress(out)] == [2, 2, 2]
+    assert_same_run(out, reference[8])
+
+
+def test_fsdp2_checkpoint_resumes_at_world_size_1_with_rank_below_world_size(reference, tmp_path):
+    # r = 1 < 2 ranks: rank 1 holds none of each A's rows
+    out = tmp_path / "fsdp2_r1"
+    torchrun(["--engine", "fsdp2", *_run_args(out, 1, "--stop-after", "2")])
+    scale_out.main(_run_args(out, 1, "--resume"))  # here, one process
+    assert [t["world_size"] for t in progress(out)] == [2, 2, 1]
+    assert_same_run(out, reference[1])
+
+
+def test_accelerate_launch_matches_one_process(reference, tmp_path):
+    pytest.importorskip("accelerate")
+    out = tmp_path / "accelerate"
+    # --multi_gpu picks accelerate's multi-process launcher; without GPUs the processes run on CPU with gloo
+    _launch(["accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+             "--mixed_precision", "no", "--dynamo_backend", "no"], ["--engine", "accelerate", *_run_args(out)])
+    assert [t["replica_max_difference"] for t in progress(out)] == [0.0, 0.0, 0.0]
+    assert_same_run(out, reference[8])
+
+
+def test_script_rejects_bad_arguments(tmp_path, reference):
+    with pytest.raises(SystemExit, match="multiple of the world size"):
+        scale_out.check_args(scale_out.build_parser().parse_args(["--out", "x", "--engine", "ddp", "--batch-size", "3"]), world=2)
+    with pytest.raises(SystemExit, match="pick ddp, fsdp2 or accelerate"):
+        scale_out.check_args(scale_out.build_parser().parse_args(["--out", "x"]), world=2)
+    with pytest.raises(SystemExit, match="not Llama projections"):
+        scale_out.check_args(scale_out.build_parser().parse_args(["--out", "x", "--targets", "qkv"]), world=1)
+    with pytest.raises(SystemExit, match="holds a run already"):
+        scale_out.main(_run_args(reference[8]))
+    with pytest.raises(SystemExit, match="arguments differ"):
+        scale_out.main(_run_args(reference[8], 8, "--resume", "--steps", "3"))
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        scale_out.main(_run_args(tmp_path / "empty", 8, "--resume"))
+
+
+# ----------------------------------------------------------------------------- helpers, one process
+
+
+def test_helpers_are_the_identity_without_a_process_group():
+    assert not dist_utils.initialized() and dist_utils.rank() == 0 and dist_utils.world_size() == 1
+    assert dist_utils.is_main_process()
+    dist_utils.barrier()  # a no-op, must not raise
+    t = torch.randn(3, 4)
+    assert dist_utils.local(t).data_ptr() == t.data_ptr() and dist_utils.gather(t).data_ptr() == t.data_ptr()
+    full = torch.randn(3, 4)
+    dist_utils.write_full_(t, full)
+    assert torch.equal(t, full)
+    with pytest.raises(ValueError, match=r"expected a tensor of shape \(3, 4\), got \(4, 3\)"):
+        dist_utils.write_full_(t, full.T)
+
+
+def test_unwrap_model_and_slao_names_without_wrapper_prefixes(tmp_path):
+    model = tiny_model()
+    patch_llama(model, LoRAConfig(rank=4, targets=("q_proj",)))
+    wrapped = torch.compile(nn.DataParallel(model))  # neither runs here: wrapping alone
+    assert dist_utils.unwrap_model(wrapped) is model
+    slao = SLAO(wrapped)
+    assert all(not n.startswith(("module.", "_orig_mod.")) for n in slao.modules)
+    slao.begin_task()
+    slao.end_task()
+    slao.save(str(tmp_path / "ck"))
+    assert SLAO.load(model, str(tmp_path / "ck")).task_index == 1  # loads into the unwrapped model
+
+
+def test_shard_llama_rejects_a_model_without_decoder_layers():
+    with pytest.raises(ValueError, match="no decoder layers"):
+        dist_utils.shard_llama(nn.Sequential(nn.Linear(4, 4)))
