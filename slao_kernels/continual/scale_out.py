@@ -49,6 +49,7 @@ RESULT_ARGS = ("model", "tasks", "steps", "batch_size", "seq_len", "vocab", "lr"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The script's command line (``--help`` lists it)."""
     p = argparse.ArgumentParser(prog="python -m slao_kernels.continual.scale_out",
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,6 +89,7 @@ def task_batch(task: int, step: int, args, rank: int, world: int) -> torch.Tenso
 
 
 def tiny_llama(vocab: int, seed: int):
+    """A 2-layer Llama built from a config: the same weights in every process for the same seed."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)  # the same base weights in every process and every run
@@ -98,6 +100,7 @@ def tiny_llama(vocab: int, seed: int):
 
 
 def load(args):
+    """The base model ``--model`` names, in fp32."""
     if args.model == "tiny":
         return tiny_llama(args.vocab, args.seed)
     from slao_kernels.models import load_model
@@ -109,6 +112,7 @@ def load(args):
 
 
 def check_args(args, world: int) -> None:
+    """Exit with a message naming the bad argument, before any process group or model exists."""
     if args.engine == "none" and world > 1:
         raise SystemExit(f"--engine none runs one process, but WORLD_SIZE is {world}: pick ddp, fsdp2 or accelerate")
     if args.batch_size % world:
