@@ -65,6 +65,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """Whether ``flag`` is true on any rank (a collective; ``flag`` itself without a
+    process group). ``device``: where the process group's backend takes tensors
+    (CUDA for NCCL)."""
+    if not initialized():
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The model inside DDP / ``nn.DataParallel`` (``.module``) and ``torch.compile``
     (``._orig_mod``) wrappers, so module paths are the same as on one process.

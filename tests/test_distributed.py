@@ -177,3 +177,39 @@ def test_unwrap_model_and_slao_names_without_wrapper_prefixes(tmp_path):
 def test_shard_llama_rejects_a_model_without_decoder_layers():
     with pytest.raises(ValueError, match="no decoder layers"):
         dist_utils.shard_llama(nn.Sequential(nn.Linear(4, 4)))
+
+
+NAN_ON_ONE_RANK = r'''
+import torch, torch.distributed as dist
+from slao_kernels import SLAO, LoRAConfig, patch_llama
+from slao_kernels.continual.scale_out import tiny_llama
+from slao_kernels.distributed import local, shard_llama
+
+dist.init_process_group("gloo")
+model = tiny_llama(vocab=64, seed=0)
+patch_llama(model, LoRAConfig(rank=8))
+slao = SLAO(shard_llama(model))
+slao.begin_task()
+B = slao.modules["model.layers.1.self_attn.v_proj"].lora_B
+if dist.get_rank() == 1:
+    with torch.no_grad():
+        local(B)[0, 0] = float("nan")
+try:
+    slao.end_task()
+    print(f"rank {dist.get_rank()}: merged", flush=True)
+except ValueError as exc:
+    print(f"rank {dist.get_rank()}: raised: {exc}", flush=True)
+dist.destroy_process_group()
+'''
+
+
+def test_fsdp2_non_finite_shard_raises_on_every_rank(tmp_path):
+    script = tmp_path / "nan_on_one_rank.py"
+    script.write_text(NAN_ON_ONE_RANK)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank "))
+    assert len(lines) == 2 and all("raised" in line for line in lines), proc.stdout
+    assert "another rank" in lines[0] and "this rank in ['model.layers.1.self_attn.v_proj']" in lines[1]

@@ -174,6 +174,13 @@ class SLAO:
             # the local rows (all of them unless sharded); a rank can hold none of a small A
             pairs = [(local(buffers[n]), local(getattr(m, factor))) for n, m in zip(names, layers)]
             pairs = [(b, p) for b, p in pairs if b.numel()]
+            if merges and is_sharded(getattr(layers[0], factor)):
+                # the merge refuses non-finite input on the rank that holds it; every rank must agree
+                # first, or the others would write their rows and wait for that rank forever
+                bad = [n for (n, m) in zip(names, layers) if not torch.isfinite(local(getattr(m, factor))).all()]
+                if dist_utils.any_rank(bool(bad), local(getattr(layers[0], factor)).device):
+                    raise ValueError(f"SLAO.end_task(): {factor} is not finite on "
+                                     f"{'this rank in ' + str(bad[:3]) if bad else 'another rank'}; nothing merged")
             if merges and pairs:
                 scaled_merge_([b for b, _ in pairs], [p for _, p in pairs], lam, check_finite=True)
             elif not merges:  # not merged: the model keeps the fine-tuned factor as the "merged" one
