@@ -141,8 +141,10 @@ def test_script_rejects_bad_arguments(tmp_path, reference):
         scale_out.main(_run_args(reference[8]))
     with pytest.raises(SystemExit, match="arguments differ"):
         scale_out.main(_run_args(reference[8], 8, "--resume", "--steps", "3"))
-    with pytest.raises(SystemExit, match="no checkpoint"):
+    with pytest.raises(SystemExit, match="no checkpoint.*start it again without --resume"):
         scale_out.main(_run_args(tmp_path / "empty", 8, "--resume"))
+    with pytest.raises(SystemExit, match="runs under torchrun"):
+        scale_out.main(["--engine", "fsdp2", *_run_args(tmp_path / "no_torchrun")])
 
 
 # ----------------------------------------------------------------------------- helpers, one process

@@ -37,6 +37,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from slao_kernels import distributed as dist_utils
 from slao_kernels.continual.slao import SLAO
@@ -153,15 +154,19 @@ def main(argv: list[str] | None = None) -> dict | None:
         else torch.device("cpu")
     run_json, ckpt = os.path.join(args.out, "run.json"), os.path.join(args.out, "checkpoint")
     result_args = {k: getattr(args, k) for k in RESULT_ARGS}
+    if args.engine in ("ddp", "fsdp2") and "RANK" not in os.environ:
+        raise SystemExit(f"--engine {args.engine} runs under torchrun: "
+                         f"torchrun --nproc_per_node=N -m slao_kernels.continual.scale_out --engine {args.engine} ...")
     if args.resume:
         if not os.path.isfile(os.path.join(ckpt, "slao.json")):
-            raise SystemExit(f"--resume: no checkpoint in {ckpt}")
+            raise SystemExit(f"--resume: no checkpoint in {ckpt} (a run that stopped before its first task "
+                             "ended has nothing to resume: start it again without --resume)")
         with open(run_json) as f:
             saved = json.load(f)
         differing = {k: (saved.get(k), v) for k, v in result_args.items() if saved.get(k) != v}
         if differing:
             raise SystemExit(f"--resume: arguments differ from the run in {args.out} (saved, now): {differing}")
-    elif os.path.exists(run_json):
+    elif os.path.exists(os.path.join(ckpt, "slao.json")):
         raise SystemExit(f"{args.out} holds a run already: pass --resume to continue it, or another --out")
 
     accelerator = None
@@ -210,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             optimizer = accelerator.prepare_optimizer(optimizer)
         start, losses = time.perf_counter(), []
         wrapped.train()
-        for step in range(args.steps):
+        for step in tqdm(range(args.steps), desc=f"task {task}", disable=args.quiet or rank > 0, leave=False):
             ids = task_batch(task - 1, step, args, rank, world).to(device)
             loss = wrapped(input_ids=ids, labels=ids).loss
             if accelerator is not None:
