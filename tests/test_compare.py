@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 
 from slao_kernels.continual import RunConfig, TrainConfig, generated_suite
-from slao_kernels.continual.compare import format_summary, parse_spec, run_comparison
+from slao_kernels.continual.compare import collect_runs, format_summary, parse_spec, run_comparison, summarize
 from slao_kernels.patching import LoRAConfig
 
 
@@ -57,3 +57,11 @@ def test_comparison_runs_summarizes_and_skips_finished_runs(tmp_path):
                            log=lines.append)
     assert sum("done earlier" in line for line in lines) == 6
     assert again["strategies"]["slao"]["aa"] == summary["strategies"]["slao"]["aa"]
+    # collecting finished runs gives the same summary; an unfinished run is left out
+    collected = collect_runs(str(tmp_path), order=["inclora"])
+    assert list(collected) == ["inclora", "lora_ga:grad_batches=1", "slao"]
+    assert summarize(collected, summary["tasks"], seeds)["strategies"]["slao"] == summary["strategies"]["slao"]
+    report_path = tmp_path / "runs" / "inclora" / "seed1" / "report.json"
+    report_path.write_text(json.dumps({**json.loads(report_path.read_text()), "status": "running"}))
+    assert [r["config"]["seed"] for r in collect_runs(str(tmp_path))["inclora"]] == [0]
+    assert collect_runs(str(tmp_path / "nothing")) == {}

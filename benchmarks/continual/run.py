@@ -24,7 +24,8 @@ def main(argv=None) -> int:
     import torch
 
     from slao_kernels.continual import RunConfig, TrainConfig, load_task_dir
-    from slao_kernels.continual.compare import format_summary, parse_spec, run_comparison
+    from slao_kernels.continual.compare import (collect_runs, format_summary, parse_spec, run_comparison, summarize,
+                                                write_summary)
     from slao_kernels.models import load_model
     from slao_kernels.patching import LoRAConfig
 
@@ -37,6 +38,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(HERE, "results", "cpu"))
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--collect", action="store_true",
+                   help="train nothing: rebuild the table and plots from every finished run under --out, "
+                        "whatever strategies and seeds earlier commands ran")
     args = p.parse_args(argv)
     with open(args.config) as f:
         cfg = json.load(f)
@@ -45,6 +49,17 @@ def main(argv=None) -> int:
     data = args.data or os.path.normpath(os.path.join(HERE, "..", "..", cfg["data"]))
     for spec in specs:
         parse_spec(spec)  # a typo fails now, not after an hour
+    if args.collect:
+        runs = collect_runs(args.out, order=specs)
+        if not runs:
+            p.error(f"--collect: no finished run under {args.out}/runs")
+        reports = [r for rs in runs.values() for r in rs]
+        if len({tuple(r["tasks"]) for r in reports}) > 1:
+            p.error(f"--collect: the runs under {args.out} do not share one task order")
+        summary = summarize(runs, reports[0]["tasks"], sorted({r["config"]["seed"] for r in reports}))
+        summary = write_summary(summary, args.out, extra={"benchmark_config": os.path.basename(args.config)})
+        print(format_summary(summary))
+        return 0
     tasks = load_task_dir(data, cfg["order"])
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     train = TrainConfig(steps=cfg.get("steps"), epochs=cfg.get("epochs") or 1.0, batch_size=cfg["batch_size"],

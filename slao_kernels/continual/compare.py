@@ -95,9 +95,35 @@ def run_comparison(model, tokenizer, tasks: Sequence[Task], specs: Sequence[str]
             log(f"{spec} seed {seed}: AA {report['aa']:.3f}, BWT {bwt} in {time.perf_counter() - start:.0f} s")
             runs.setdefault(spec, []).append(report)
     summary = summarize(runs, [t.name for t in tasks], list(seeds))
+    return write_summary(summary, out, extra={"config": config.to_dict(), **(extra or {})}, log=log)
+
+
+def collect_runs(out: str, order: Sequence[str] = ()) -> dict[str, list[dict]]:
+    """Every finished run under ``out/runs``, by strategy spec (``order`` first, then the rest
+    sorted), each list sorted by seed: what :func:`summarize` takes, whatever specs and
+    seeds the earlier commands ran. Unfinished runs are left out."""
+    found: dict[str, list[dict]] = {}
+    runs_dir = os.path.join(out, "runs")
+    for strategy in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
+        for seed_dir in sorted(os.listdir(os.path.join(runs_dir, strategy))):
+            path = os.path.join(runs_dir, strategy, seed_dir, "report.json")
+            if not os.path.isfile(path):
+                continue
+            with open(path) as f:
+                report = json.load(f)
+            if report.get("status") == "complete":
+                found.setdefault(report["config"].get("spec", strategy), []).append(report)
+    for reports in found.values():
+        reports.sort(key=lambda r: r["config"]["seed"])
+    specs = [s for s in order if s in found] + sorted(s for s in found if s not in order)
+    return {spec: found[spec] for spec in specs}
+
+
+def write_summary(summary: dict, out: str, extra: dict | None = None, log: Callable[[str], None] = print) -> dict:
+    """Write results.json, results.md and the plots of a :func:`summarize` result into ``out``."""
     from slao_kernels.io import write_atomic, write_json_atomic
 
-    write_json_atomic(os.path.join(out, "results.json"), {**summary, "config": config.to_dict(), **(extra or {})})
+    write_json_atomic(os.path.join(out, "results.json"), {**summary, **(extra or {})})
     table = format_summary(summary)
     write_atomic(os.path.join(out, "results.md"), lambda f: f.write(table.encode()))
     summary["plots"] = plot_summary(summary, out, log=log)
@@ -132,14 +158,14 @@ def _cell(spread: dict, signed: bool = False) -> str:
 
 def format_summary(summary: dict) -> str:
     """A Markdown table of :func:`summarize`'s output."""
-    seeds = summary["seeds"]
-    spread = f"mean ± standard deviation over seeds {seeds}" if len(seeds) > 1 else f"one seed ({seeds[0]})"
-    lines = [f"Tasks: {' → '.join(summary['tasks'])}; {spread}.", "",
-             "| strategy | AA | BWT | FWT | forgetting | AP | FP | adapter memory (first → last task) "
-             "| s per task |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"Tasks: {' → '.join(summary['tasks'])}; mean ± standard deviation over the seeds listed "
+             "(the value alone for one seed).", "",
+             "| strategy | seeds | AA | BWT | FWT | forgetting | AP | FP | adapter memory (first → last task) "
+             "| s per task |", "|---|---|---|---|---|---|---|---|---|---|"]
     for spec, s in summary["strategies"].items():
         mem = f"{s['adapter_bytes_first'] / 2**20:.2f} → {s['adapter_bytes_last'] / 2**20:.2f} MiB"
-        lines.append(f"| {spec} | {_cell(s['aa'])} | {_cell(s['bwt'], True)} | {_cell(s['fwt'], True)} | "
+        seeds = ",".join(str(r["seed"]) for r in s["runs"])
+        lines.append(f"| {spec} | {seeds} | {_cell(s['aa'])} | {_cell(s['bwt'], True)} | {_cell(s['fwt'], True)} | "
                      f"{_cell(s['forgetting'])} | {_cell(s['ap'])} | {_cell(s['fp'])} | {mem} | "
                      f"{s['train_s_per_task']['mean']:.0f} |")
     return "\n".join(lines) + "\n"
