@@ -28,6 +28,8 @@ Nothing here needs a process group: without one every helper is the identity
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -76,17 +78,59 @@ def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     return bool(t.item())
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside DDP / ``nn.DataParallel`` (``.module``) and ``torch.compile``
-    (``._orig_mod``) wrappers, so module paths are the same as on one process.
-    FSDP2 shards in place and needs no unwrapping."""
+def _wrapper_chain(model: nn.Module):
+    """``model``, then each model inside it through DDP / ``nn.DataParallel`` (``.module``)
+    and ``torch.compile`` (``._orig_mod``) wrappers, outermost first."""
     while True:
+        yield model
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod
         else:
-            return model
+            return
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP / ``nn.DataParallel`` (``.module``) and ``torch.compile``
+    (``._orig_mod``) wrappers, so module paths are the same as on one process.
+    FSDP2 shards in place and needs no unwrapping."""
+    *_, inner = _wrapper_chain(model)
+    return inner
+
+
+def _hold(*objects) -> None:
+    """A finalizer callback that does nothing: its arguments live until it has run."""
+
+
+def shutdown(*models: nn.Module) -> None:
+    """Destroy the default process group, with what DDP needs for a clean exit (a no-op
+    without a process group). Call it in place of ``dist.destroy_process_group()``
+    at the end of a run, passing the DDP modules (or their ``torch.compile`` /
+    accelerate wrappers); they cannot run forward or backward afterwards.
+
+    Why: a DDP module's reducer holds a reference to its process group, and the
+    reducer's C++ destructor runs with the GIL held. If it drops the group's last
+    reference (the DDP module outlives ``destroy_process_group`` and is freed when
+    the script's function returns), gloo's destructor joins its worker threads while
+    holding the GIL, and a worker still freeing the last collective's tensors needs
+    the GIL for that: the process hangs at exit, at random (torch 2.13, gloo: 2 hangs
+    in 36 two-process runs of ``continual.scale_out`` on a 2-core machine). So each
+    reducer is released first, while the group is still registered, and if anything
+    else keeps it alive (``torch.compile(ddp)`` copies the module's attributes), the
+    group's Python object is kept until the reducer is gone: the last reference is
+    then dropped from Python, whose binding lets go of the GIL while gloo shuts down.
+    """
+    if not initialized():
+        return
+    for model in models:
+        for wrapper in _wrapper_chain(model):
+            if isinstance(wrapper, nn.parallel.DistributedDataParallel) and "reducer" in wrapper.__dict__:
+                wrapper.__dict__.pop("logger", None)  # the logger holds the reducer as well
+                reducer = wrapper.__dict__.pop("reducer")
+                weakref.finalize(reducer, _hold, wrapper.process_group).atexit = False
+                del reducer  # usually the last reference: the finalizer runs here, the group still registered
+    dist.destroy_process_group()
 
 
 def reshard(model: nn.Module) -> None:

@@ -12,10 +12,15 @@ summed over 30 steps: measured 1.9e-5 at rank 8. ``ATOL`` is 1% of one update
 left stale) moves entries by whole updates.
 """
 
+import contextlib
+import gc
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+import weakref
 
 import pytest
 import torch
@@ -31,13 +36,6 @@ from conftest import tiny_model
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is needed")
 
-# The multi-process launches are opt-in for now: in a clean-clone CI rehearsal a two-process launch hung at
-# random (about one launch in six, DDP and accelerate; the cause is not found yet), and a hang costs CI 10 minutes.
-# Run them with SLAO_TEST_DISTRIBUTED=1 python -m pytest tests/test_distributed.py.
-launches = pytest.mark.skipif(os.environ.get("SLAO_TEST_DISTRIBUTED") != "1",
-                              reason="multi-process launches are opt-in (SLAO_TEST_DISTRIBUTED=1): an intermittent "
-                                     "start-up hang is under investigation")
-
 LR = 1e-2
 ATOL = 1e-2 * LR
 
@@ -46,15 +44,53 @@ def _run_args(out, rank=8, *extra):
     return ["--out", str(out), "--rank", str(rank), "--lr", str(LR), "--quiet", *extra]
 
 
-def _launch(launcher: list[str], args: list[str]) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", *launcher, "-m", "slao_kernels.continual.scale_out", *args],
-                          capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, f"{' '.join(launcher)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+LAUNCH_TIMEOUT = 300  # one launch takes ~10 s alone on the 2-core CI machine
+
+
+def _worker_pids(marker: str) -> list[int]:
+    """Processes whose command line contains ``marker`` (a test's unique tmp path). The launchers
+    start every worker in a session of its own, so killing a launcher leaves its workers running."""
+    pids = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if marker.encode() in f.read() and int(entry) != os.getpid():
+                    pids.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def _launch(launcher: list[str], args: list[str], marker: str) -> None:
+    """Run ``python -m <launcher> ...`` and fail with its output if it fails or hangs. On a hang
+    every process is sent SIGABRT first, so faulthandler prints where each one is stuck."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONFAULTHANDLER": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", *launcher, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        stuck = _worker_pids(marker)
+        for sig in (signal.SIGABRT, signal.SIGKILL):
+            for pid in stuck:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            time.sleep(2)
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"{' '.join(launcher)} hung for {LAUNCH_TIMEOUT} s; the stacks of its processes:\n{out[-12000:]}")
+    assert proc.returncode == 0, f"{' '.join(launcher)} failed:\n{out[-8000:]}"
+
+
+def _run_script(launcher: list[str], args: list[str]) -> None:
+    _launch(launcher, ["-m", "slao_kernels.continual.scale_out", *args], marker=args[args.index("--out") + 1])
+
+
+TORCHRUN = ["torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
 def torchrun(args):
-    _launch(["torch.distributed.run", "--standalone", "--nproc_per_node=2"], args)
+    _run_script(TORCHRUN, args)
 
 
 def checkpoint_tensors(out) -> dict[str, torch.Tensor]:
@@ -100,7 +136,6 @@ def test_reference_run_learns_and_merges(reference):
     assert (b - b_ft).abs().max() > 1e-3
 
 
-@launches
 def test_ddp_matches_one_process_and_replicas_stay_identical(reference, tmp_path):
     torchrun(["--engine", "ddp", *_run_args(tmp_path / "ddp")])
     tasks = progress(tmp_path / "ddp")
@@ -109,7 +144,6 @@ def test_ddp_matches_one_process_and_replicas_stay_identical(reference, tmp_path
     assert_same_run(tmp_path / "ddp", reference[8])
 
 
-@launches
 def test_fsdp2_matches_one_process_and_resumes_sharded(reference, tmp_path):
     out = tmp_path / "fsdp2"
     torchrun(["--engine", "fsdp2", *_run_args(out, 8, "--stop-after", "1")])
@@ -120,7 +154,6 @@ def test_fsdp2_matches_one_process_and_resumes_sharded(reference, tmp_path):
     assert_same_run(out, reference[8])
 
 
-@launches
 def test_fsdp2_checkpoint_resumes_at_world_size_1_with_rank_below_world_size(reference, tmp_path):
     # r = 1 < 2 ranks: rank 1 holds none of each A's rows
     out = tmp_path / "fsdp2_r1"
@@ -130,12 +163,11 @@ def test_fsdp2_checkpoint_resumes_at_world_size_1_with_rank_below_world_size(ref
     assert_same_run(out, reference[1])
 
 
-@launches
 def test_accelerate_launch_matches_one_process(reference, tmp_path):
     pytest.importorskip("accelerate")
     out = tmp_path / "accelerate"
     # --multi_gpu picks accelerate's multi-process launcher; without GPUs the processes run on CPU with gloo
-    _launch(["accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    _run_script(["accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
              "--mixed_precision", "no", "--dynamo_backend", "no"], ["--engine", "accelerate", *_run_args(out)])
     assert [t["replica_max_difference"] for t in progress(out)] == [0.0, 0.0, 0.0]
     assert_same_run(out, reference[8])
@@ -187,6 +219,53 @@ def test_unwrap_model_and_slao_names_without_wrapper_prefixes(tmp_path):
     assert SLAO.load(model, str(tmp_path / "ck")).task_index == 1  # loads into the unwrapped model
 
 
+@pytest.fixture
+def gloo_group():
+    """A one-process gloo group in this process, destroyed afterwards whatever the test did."""
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _trained_ddp():
+    ddp = nn.parallel.DistributedDataParallel(nn.Linear(4, 4))
+    ddp(torch.randn(2, 4)).sum().backward()
+    dist.all_reduce(torch.ones(1))  # a collective whose tensor's Python object is gone at once
+    return ddp
+
+
+def test_shutdown_frees_the_ddp_reducer_while_the_process_group_still_exists(gloo_group, monkeypatch):
+    """The order that avoids gloo's exit deadlock (see ``distributed.shutdown``): the reducer is
+    gone before ``destroy_process_group`` runs, so the group's last reference is not the reducer's."""
+    ddp = _trained_ddp()
+    reducer = weakref.ref(ddp.reducer)
+    destroy, seen = dist.destroy_process_group, []
+    monkeypatch.setattr(dist, "destroy_process_group",
+                        lambda *a: (seen.append((reducer() is None, dist.is_initialized())), destroy(*a)))
+    dist_utils.shutdown(ddp)
+    assert seen == [(True, True)] and not dist.is_initialized()
+    assert not hasattr(ddp, "reducer") and not hasattr(ddp, "logger")
+    dist_utils.shutdown(ddp)  # no process group any more: a no-op
+
+
+def test_shutdown_keeps_the_group_referenced_while_someone_else_holds_the_reducer(gloo_group):
+    ddp = _trained_ddp()
+    compiled = torch.compile(ddp)  # never runs: wrapping alone copies the DDP's attributes
+    reducer, group = weakref.ref(ddp.reducer), weakref.ref(ddp.process_group)
+    held = ddp.reducer  # like the copies torch.compile made, or a user's own reference
+    dist_utils.shutdown(compiled)  # the DDP inside is found through the wrapper
+    assert not dist.is_initialized() and not hasattr(ddp, "reducer")
+    del ddp, compiled
+    gc.collect()
+    # the reducer is alive: the group's Python object must be too, or the reducer's destructor would
+    # drop the group's last reference with the GIL held
+    assert reducer() is not None and group() is not None
+    del held
+    gc.collect()
+    assert reducer() is None and group() is None  # released from Python once the reducer is gone
+
+
 def test_shard_llama_rejects_a_model_without_decoder_layers():
     with pytest.raises(ValueError, match="no decoder layers"):
         dist_utils.shard_llama(nn.Sequential(nn.Linear(4, 4)))
@@ -219,14 +298,10 @@ dist.destroy_process_group()
 '''
 
 
-@launches
 def test_fsdp2_non_finite_shard_raises_on_every_rank(tmp_path):
     script = tmp_path / "nan_on_one_rank.py"
     script.write_text(NAN_ON_ONE_RANK)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _launch(TORCHRUN, [str(script), str(tmp_path)], marker=str(script))
     rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text() for r in (0, 1))
     assert rank0.startswith("raised") and "another rank" in rank0
     assert rank1.startswith("raised") and "this rank in ['model.layers.1.self_attn.v_proj']" in rank1

@@ -246,8 +246,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         summary = {"engine": args.engine, "world_size": world, "tasks": progress}
         if rank == 0:
             write_json_atomic(os.path.join(args.out, "summary.json"), summary)
-    if dist_utils.initialized():
-        dist.destroy_process_group()
+    dist_utils.shutdown(wrapped)  # not dist.destroy_process_group(): DDP's reducer must go first (see shutdown)
     return summary
 
 
