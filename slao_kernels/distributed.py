@@ -22,6 +22,9 @@ which works between steps, does:
 root module's parameters unsharded, and a write to an unsharded parameter is
 lost at the next reshard.
 
+At the end of a run :func:`shutdown` destroys the process group in an order
+that cannot hang at exit under DDP.
+
 Nothing here needs a process group: without one every helper is the identity
 (or a no-op), so single-process code runs the same path.
 """

@@ -13,7 +13,8 @@ produces the adapter one process does::
 The recipe, whatever the engine: patch the model, wrap or shard it, create
 :class:`~slao_kernels.SLAO` on the result, then per task ``begin_task()`` →
 a new optimizer over ``slao.parameters()`` → train → ``end_task()`` →
-``save()``, all on every rank. The controller writes from rank 0 only and
+``save()``, all on every rank; at the end :func:`~slao_kernels.distributed.shutdown`
+(not ``destroy_process_group``: see there). The controller writes from rank 0 only and
 its checkpoints resume at any world size.
 
 The tasks are synthetic so the script runs anywhere (no data files, no
