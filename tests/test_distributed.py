@@ -173,6 +173,16 @@ def test_accelerate_launch_matches_one_process(reference, tmp_path):
     assert_same_run(out, reference[8])
 
 
+def test_a_hung_launch_fails_with_stacks_and_leaves_no_process_behind(tmp_path, monkeypatch):
+    script = tmp_path / "sleeps.py"
+    script.write_text("import time\ntime.sleep(600)\n")
+    monkeypatch.setattr(sys.modules[__name__], "LAUNCH_TIMEOUT", 15)
+    with pytest.raises(pytest.fail.Exception, match="hung for 15 s") as failure:
+        _launch(TORCHRUN, [str(script)], marker=str(script))
+    assert f'File "{script}", line 2' in str(failure.value)  # faulthandler's dump of a stuck worker
+    assert _worker_pids(str(script)) == []
+
+
 def test_script_rejects_bad_arguments(tmp_path, reference):
     with pytest.raises(SystemExit, match="multiple of the world size"):
         scale_out.check_args(scale_out.build_parser().parse_args(["--out", "x", "--engine", "ddp", "--batch-size", "3"]), world=2)
