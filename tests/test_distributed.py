@@ -28,6 +28,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
 
+import slao_kernels
 from slao_kernels import SLAO, LoRAConfig, patch_llama
 from slao_kernels import distributed as dist_utils
 from slao_kernels.continual import scale_out
@@ -64,18 +65,21 @@ def _worker_pids(marker: str) -> list[int]:
 def _launch(launcher: list[str], args: list[str], marker: str) -> None:
     """Run ``python -m <launcher> ...`` and fail with its output if it fails or hangs. On a hang
     every process is sent SIGABRT first, so faulthandler prints where each one is stuck."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONFAULTHANDLER": "1"}
+    # the workers import the slao_kernels this process imported, installed or not
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(slao_kernels.__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONFAULTHANDLER": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen([sys.executable, "-m", *launcher, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     try:
         out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT)
     except subprocess.TimeoutExpired:
         stuck = _worker_pids(marker)
-        for sig in (signal.SIGABRT, signal.SIGKILL):
-            for pid in stuck:
+        for sig, pause in ((signal.SIGABRT, 1.0), (signal.SIGKILL, 0.0)):
+            for pid in stuck:  # one at a time: their dumps share one pipe
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
-            time.sleep(2)
+                time.sleep(pause)
         proc.kill()
         out, _ = proc.communicate()
         pytest.fail(f"{' '.join(launcher)} hung for {LAUNCH_TIMEOUT} s; the stacks of its processes:\n{out[-12000:]}")
@@ -284,6 +288,7 @@ def test_shard_llama_rejects_a_model_without_decoder_layers():
 NAN_ON_ONE_RANK = r'''
 import os, sys
 import torch, torch.distributed as dist
+import slao_kernels
 from slao_kernels import SLAO, LoRAConfig, patch_llama
 from slao_kernels.continual.scale_out import tiny_llama
 from slao_kernels.distributed import local, shard_llama
