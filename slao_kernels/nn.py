@@ -88,9 +88,15 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:
-        """Fresh adapter: ``A`` Kaiming-uniform (as ``nn.Linear`` initializes), ``B = 0``."""
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        """Fresh adapter: ``A`` as :meth:`init_A_` draws it, ``B = 0``."""
+        self.init_A_(self.lora_A)
         nn.init.zeros_(self.lora_B)
+
+    @staticmethod
+    def init_A_(A: torch.Tensor) -> torch.Tensor:
+        """Fill ``A`` (r×in) the way a fresh adapter starts: Kaiming-uniform, as
+        ``nn.Linear`` initializes its weight. Returns ``A``."""
+        return nn.init.kaiming_uniform_(A, a=math.sqrt(5))
 
     def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of everything the forward adds: the trainable adapter, after any frozen ones."""

@@ -280,6 +280,34 @@ def test_shutdown_keeps_the_group_referenced_while_someone_else_holds_the_reduce
     assert reducer() is None and group() is None  # released from Python once the reducer is gone
 
 
+def _random_init_adapters(seed: int) -> list[torch.Tensor]:
+    """A and B of every layer after SLAO's random-init ablation starts task 2."""
+    model = tiny_model()
+    patch_llama(model, LoRAConfig(rank=4, targets=("q_proj", "v_proj")))
+    slao = SLAO(model, init="random")
+    slao.begin_task()
+    with torch.no_grad():
+        for p in slao.parameters():
+            p.add_(1.0)  # "training": B is no longer zero
+    slao.end_task()
+    torch.manual_seed(seed)
+    slao.begin_task()
+    return [t.detach().clone() for m in slao.modules.values() for t in (m.lora_A, m.lora_B)]
+
+
+def test_random_init_is_the_same_with_and_without_a_process_group():
+    one_process = _random_init_adapters(seed=3)
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        distributed = _random_init_adapters(seed=3)  # the broadcast path
+    finally:
+        dist.destroy_process_group()
+    assert any(t.abs().sum() > 0 for t in one_process[0::2])
+    assert all(torch.count_nonzero(b) == 0 for b in one_process[1::2])  # a fresh adapter: B = 0
+    for got, want in zip(distributed, one_process):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_shard_llama_rejects_a_model_without_decoder_layers():
     with pytest.raises(ValueError, match="no decoder layers"):
         dist_utils.shard_llama(nn.Sequential(nn.Linear(4, 4)))

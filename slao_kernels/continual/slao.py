@@ -226,17 +226,17 @@ class SLAO:
 
     @staticmethod
     def _reset(module: LoRALinear) -> None:
-        """Fresh Kaiming-uniform A (the random-init ablation), the same on every rank:
-        in a distributed run rank 0's draw is broadcast, so ranks whose random
-        generators differ still agree."""
-        A = module.lora_A
+        """A fresh adapter (the random-init ablation): ``A`` drawn anew, ``B = 0``, the
+        same on every rank: in a distributed run rank 0's draw is broadcast, so ranks
+        whose random generators differ still agree."""
         if not dist_utils.initialized():
             module.reset_lora_parameters()
             return
-        full = torch.empty(A.shape, dtype=A.dtype, device=local(A).device)
-        nn.init.kaiming_uniform_(full, a=math.sqrt(5))
+        A = module.lora_A
+        full = LoRALinear.init_A_(torch.empty(A.shape, dtype=A.dtype, device=local(A).device))
         torch.distributed.broadcast(full, src=0)
         write_full_(A, full)
+        local(module.lora_B).zero_()
 
     def _check_layout(self) -> None:
         """The buffers must be sharded exactly when the parameters are."""
