@@ -316,10 +316,9 @@ def test_shard_llama_rejects_a_model_without_decoder_layers():
 NAN_ON_ONE_RANK = r'''
 import os, sys
 import torch, torch.distributed as dist
-import slao_kernels
 from slao_kernels import SLAO, LoRAConfig, patch_llama
 from slao_kernels.continual.scale_out import tiny_llama
-from slao_kernels.distributed import local, shard_llama
+from slao_kernels.distributed import local, shard_llama, shutdown
 
 dist.init_process_group("gloo")
 model = tiny_llama(vocab=64, seed=0)
@@ -337,7 +336,12 @@ except ValueError as exc:
     outcome = f"raised: {exc}"
 with open(os.path.join(sys.argv[1], f"rank{dist.get_rank()}.txt"), "w") as f:  # one file per rank: no interleaving
     f.write(outcome)
-dist.destroy_process_group()
+shutdown(model)
+# FSDP2 keeps the gloo group alive after destroy_process_group (torch 2.13), so gloo's threads outlive the
+# script; one still freeing any_rank's tensor when the interpreter finalizes aborts the process ("terminate
+# called without an active exception", 4 times in about 150 runs; a core dump shows the gloo thread in
+# take_gil during Py_FinalizeEx). Everything this test checks is written: leave without finalizing.
+os._exit(0)
 '''
 
 
