@@ -33,6 +33,29 @@ from slao_kernels.continual.train import TrainConfig, hash_name, train_task
 from slao_kernels.patching import LLAMA_PROJECTIONS, LoRAConfig, patch_llama
 
 
+class TaskFailed(RuntimeError):
+    """A task of the stream could not be completed (a non-finite loss or adapter).
+
+    The run directory keeps the last good checkpoint and a report whose
+    ``status`` is ``"failed"`` and ``failed_task`` names this task; ``resume=True``
+    retries it. Attributes: ``task`` (1-based), ``task_name``, ``total`` (tasks in the stream).
+    """
+
+    def __init__(self, message: str, task: int, task_name: str, total: int):
+        super().__init__(message)
+        self.task, self.task_name, self.total = task, task_name, total
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during a run. ``task`` (1-based; 0 during the zero-shot
+    evaluation) is the task that was in progress, ``total`` the tasks in the
+    stream; the run directory holds the last finished task and resumes from it."""
+
+    def __init__(self, task: int, total: int):
+        super().__init__(f"interrupted during task {task} of {total}")
+        self.task, self.total = task, total
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything a run depends on besides the model and the tasks.
