@@ -9,6 +9,7 @@ devices), so they are free to run on every call and trace cleanly under
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -81,14 +82,82 @@ def _autocast_enabled(device_type: str) -> bool:
         return False
 
 
-def check_rank(rank: int, in_features: int, out_features: int) -> None:
-    """``1 ≤ rank ≤ min(in_features, out_features)``."""
+def check_rank(rank: int, in_features: int, out_features: int, where: str = "") -> None:
+    """``1 ≤ rank ≤ min(in_features, out_features)``; ``where`` (e.g. a module path) prefixes the message."""
+    prefix = f"{where}: " if where else ""
     if rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        raise ValueError(f"{prefix}LoRA rank must be >= 1, got {rank}")
     if rank > min(in_features, out_features):
         raise ValueError(
-            f"LoRA rank {rank} exceeds min(in_features, out_features) = {min(in_features, out_features)}"
+            f"{prefix}LoRA rank {rank} exceeds min(in_features, out_features) = {min(in_features, out_features)} "
+            f"(in_features={in_features}, out_features={out_features})"
         )
+
+
+# --- adapter configuration (LoRAConfig, LoRALinear): checked at construction, not at the first forward ---
+
+
+def check_config_rank(rank, field: str = "rank") -> int:
+    """``rank`` is an integer ≥ 1 (not a bool, not a float); returns it as an ``int``."""
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+        raise TypeError(f"{field} must be an int >= 1, got {rank!r} ({type(rank).__name__})")
+    if rank < 1:
+        raise ValueError(f"{field} must be an int >= 1, got {rank!r}")
+    return int(rank)
+
+
+def check_alpha(alpha, field: str = "alpha") -> float:
+    """``alpha`` is a finite real number (not a bool, str, None or complex); returns it as a ``float``."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"{field} must be a finite real number, got {alpha!r} ({type(alpha).__name__})")
+    try:
+        value = float(alpha)
+    except OverflowError:  # an int beyond float64's range (e.g. 10**400)
+        raise ValueError(f"{field} must be a finite real number, got {alpha!r} (beyond float64's range)") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{field} must be a finite real number, got {alpha!r}")
+    return value
+
+
+def check_dropout(dropout, field: str = "dropout") -> float:
+    """``dropout`` is a real number in [0, 1) (not a bool); returns it as a ``float``."""
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+        raise TypeError(f"{field} must be a real number in [0, 1), got {dropout!r} ({type(dropout).__name__})")
+    value = float(dropout)
+    if not 0.0 <= value < 1.0:  # NaN fails this too
+        raise ValueError(f"{field} must be in [0, 1), got {dropout!r}")
+    return value
+
+
+def check_rslora(rslora, field: str = "rslora") -> bool:
+    """``rslora`` is a ``bool`` (a string such as ``"no"`` would be truthy)."""
+    if not isinstance(rslora, bool):
+        raise TypeError(f"{field} must be a bool, got {rslora!r} ({type(rslora).__name__})")
+    return rslora
+
+
+def check_adapter_dtype(dtype, field: str = "dtype") -> None:
+    """``dtype`` is None or one of the real floating dtypes the kernels take (:data:`FLOAT_DTYPES`)."""
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES)
+        raise TypeError(f"{field} must be a floating torch.dtype ({names}) or None, got {dtype!r}")
+
+
+def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:
+    """``alpha / r``, or ``alpha / √r`` with rsLoRA (rank-stabilized)."""
+    return alpha / (math.sqrt(rank) if rslora else rank)
+
+
+def check_scaling(scaling: float, dtypes, where: str = "scaling") -> None:
+    """``scaling`` is finite and representable in every one of ``dtypes`` (the adapter's and the base
+    weight's): ``|scaling| ≤ finfo(d).max`` for the narrowest ``d``, else the first forward overflows."""
+    if not math.isfinite(scaling):
+        raise ValueError(f"{where} = {scaling!r} is not finite; lower alpha")
+    for dtype in dtypes:
+        limit = torch.finfo(dtype).max
+        if abs(scaling) > limit:
+            raise ValueError(f"{where} = {scaling:.6g} overflows {str(dtype).replace('torch.', '')} "
+                             f"(largest finite value {limit:.6g}); lower alpha")
 
 
 def check_frozen(weight, bias) -> None:

@@ -11,12 +11,14 @@ FSDP2 or ``load_state_dict`` replaces), for :meth:`LoRALinear.to_linear`.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slao_kernels._checks import check_rank
+from slao_kernels._checks import (FLOAT_DTYPES, check_adapter_dtype, check_alpha, check_dropout, check_rank,
+                                  check_rslora, check_scaling, lora_scaling)
 from slao_kernels.ops.lora_linear import lora_linear
 
 
@@ -53,38 +55,78 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  dtype: torch.dtype | None = None):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
-        if isinstance(rank, bool) or not isinstance(rank, int):
-            raise TypeError(f"rank must be an int, got {rank!r}")
-        check_rank(rank, base.in_features, base.out_features)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        # Everything is checked, and the adapter allocated, before ``base`` is touched: a refused
+        # construction leaves the linear layer (its parameters and their requires_grad) as it was.
+        rank, alpha, dropout, rslora, lora_dtype = self.check_args(base, rank, alpha, dropout, rslora, dtype)
+        weight, bias = base.weight, base.bias
+        factory = {"device": weight.device, "dtype": lora_dtype}
+        lora_A = nn.Parameter(torch.empty(rank, base.in_features, **factory))
+        lora_B = nn.Parameter(torch.empty(base.out_features, rank, **factory))
         self.in_features = base.in_features
         self.out_features = base.out_features
         self.rank = rank
-        self.alpha = float(alpha)
-        self.rslora = bool(rslora)
-        self.scaling = self.alpha / (math.sqrt(rank) if rslora else rank)
+        self.alpha = alpha
+        self.rslora = rslora
+        self.scaling = lora_scaling(alpha, rank, rslora)
         self.merged = False
-        object.__setattr__(self, "_base", base)  # kept aside, not a registered submodule
-        self.register_parameter("weight", base.weight)
-        self.register_parameter("bias", base.bias)
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        lora_dtype = dtype or default_lora_dtype(base.weight.dtype)
-        factory = {"device": base.weight.device, "dtype": lora_dtype}
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, **factory))
+        self.lora_A = lora_A
+        self.lora_B = lora_B
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # not in the state dict: the strategies that freeze adapters checkpoint them themselves
         self.register_buffer("frozen_A", torch.empty(0, self.in_features, **factory), persistent=False)
         self.register_buffer("frozen_B", torch.empty(self.out_features, 0, **factory), persistent=False)
         self.reset_lora_parameters()
+        object.__setattr__(self, "_base", base)  # kept aside, not a registered submodule
+        self.register_parameter("weight", weight)
+        self.register_parameter("bias", bias)
+        weight.requires_grad_(False)
+        if bias is not None:
+            bias.requires_grad_(False)
         # This module owns them now; the shell gets the current ones back in to_linear().
         base.register_parameter("weight", None)
         base.register_parameter("bias", None)
+
+    @staticmethod
+    def check_args(base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                   dtype: torch.dtype | None = None, where: str = "LoRALinear") -> tuple:
+        """Check the constructor's arguments without building anything.
+
+        Raises ``TypeError``/``ValueError`` naming the argument (prefixed by ``where``, e.g. a
+        module path), the expected and the given value: ``base`` an ``nn.Linear`` holding a weight
+        of a kernel dtype, ``rank`` an int in ``[1, min(in, out)]``, ``alpha`` a finite real,
+        ``dropout`` a real in [0, 1), ``rslora`` a bool, ``dtype`` a real floating dtype or None,
+        and the scaling representable in the adapter's and the base weight's dtype.
+
+        Returns:
+            ``(rank, alpha, dropout, rslora, lora_dtype)`` normalized (int, float, float, bool,
+            the adapter dtype the module would get).
+        """
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"{where} wraps an nn.Linear, got {type(base).__name__}")
+        weight, bias = base.weight, base.bias
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"{where}: the nn.Linear holds no weight (got {weight!r}); is it the kept-aside shell "
+                            "of another LoRALinear?")
+        if weight.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{where}: the base weight must be float32/bfloat16/float16/float64, got {weight.dtype}")
+        if tuple(weight.shape) != (base.out_features, base.in_features):
+            raise ValueError(f"{where}: the base weight has shape {tuple(weight.shape)}, but the nn.Linear says "
+                             f"(out_features, in_features) = {(base.out_features, base.in_features)}")
+        if bias is not None and (bias.dtype not in FLOAT_DTYPES or tuple(bias.shape) != (base.out_features,)):
+            raise ValueError(f"{where}: the base bias must be a floating ({base.out_features},) tensor, got "
+                             f"{bias.dtype} {tuple(bias.shape)}")
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+            raise TypeError(f"{where}: rank must be an int, got {rank!r} ({type(rank).__name__})")
+        rank = int(rank)
+        check_rank(rank, base.in_features, base.out_features, where)
+        alpha = check_alpha(alpha, f"{where}: alpha")
+        dropout = check_dropout(dropout, f"{where}: dropout")
+        rslora = check_rslora(rslora, f"{where}: rslora")
+        check_adapter_dtype(dtype, f"{where}: dtype")
+        lora_dtype = dtype or default_lora_dtype(weight.dtype)
+        check_scaling(lora_scaling(alpha, rank, rslora), (lora_dtype, weight.dtype),
+                      f"{where}: scaling = alpha/{'√' if rslora else ''}rank")
+        return rank, alpha, dropout, rslora, lora_dtype
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:
@@ -135,23 +177,39 @@ class LoRALinear(nn.Module):
         self.reset_lora_parameters()
 
     @torch.no_grad()
+    def folded_weight(self, sign: int = 1) -> torch.Tensor:
+        """``W + sign·s·B·A`` in the weight's dtype, as a new tensor (the module is not changed).
+
+        Raises:
+            ValueError: the result is not finite (a non-finite adapter, or a sum that overflows
+                the weight's dtype): writing it would destroy the base weight for good.
+        """
+        folded = (self.weight.to(torch.float32) + sign * self.delta_weight()).to(self.weight.dtype)
+        if not bool(torch.isfinite(folded).all()):
+            raise ValueError(f"LoRALinear: W {'+' if sign > 0 else '-'} s·B·A is not finite in {self.weight.dtype} "
+                             "(a non-finite lora_A/lora_B, or a sum beyond the dtype's range); "
+                             "the base weight was left unchanged")
+        return folded
+
+    @torch.no_grad()
     def merge(self) -> None:
         """Fold the adapter into the base weight for inference: ``W ← W + s·B·A``.
 
         Exact in fp32 up to rounding; on a 16-bit weight the sum is rounded to
         that dtype, so :meth:`unmerge` restores W only to within its precision.
+        A non-finite result is refused (``ValueError``) before W is written.
         """
         if self.merged:
             raise RuntimeError("LoRALinear.merge(): the adapter is already merged")
-        self.weight.copy_((self.weight.to(torch.float32) + self.delta_weight()).to(self.weight.dtype))
+        self.weight.copy_(self.folded_weight(+1))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo :meth:`merge`: ``W ← W − s·B·A``."""
+        """Undo :meth:`merge`: ``W ← W − s·B·A`` (a non-finite result is refused before W is written)."""
         if not self.merged:
             raise RuntimeError("LoRALinear.unmerge(): the adapter is not merged")
-        self.weight.copy_((self.weight.to(torch.float32) - self.delta_weight()).to(self.weight.dtype))
+        self.weight.copy_(self.folded_weight(-1))
         self.merged = False
 
     def to_linear(self) -> nn.Linear:
