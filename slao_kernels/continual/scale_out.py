@@ -47,7 +47,9 @@ from slao_kernels.patching import LLAMA_PROJECTIONS, LoRAConfig, lora_modules, p
 
 ENGINES = ("none", "ddp", "fsdp2", "accelerate")
 # The arguments that define the result; a resumed run must repeat them (engine and world size may change).
-RESULT_ARGS = ("model", "tasks", "steps", "batch_size", "seq_len", "vocab", "lr", "rank", "alpha", "targets", "seed")
+RESULT_ARGS = ("model", "tasks", "steps", "batch_size", "seq_len", "vocab", "optimizer", "lr", "rank", "alpha",
+               "targets", "seed")
+OPTIMIZERS = ("adamw", "sgd")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="global batch; a multiple of the world size")
     p.add_argument("--seq-len", type=int, default=16)
     p.add_argument("--vocab", type=int, default=64, help="token ids the tasks use (≤ the model's vocabulary)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+                   help="adamw (what training uses), or plain sgd: its update is linear in the gradient, so "
+                        "runs that differ only in the order of the gradient's sums stay within rounding "
+                        "of each other (the equivalence tests use it)")
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
@@ -164,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                              "ended has nothing to resume: start it again without --resume)")
         with open(run_json) as f:
             saved = json.load(f)
+        saved.setdefault("optimizer", "adamw")  # runs from before --optimizer existed
         differing = {k: (saved.get(k), v) for k, v in result_args.items() if saved.get(k) != v}
         if differing:
             raise SystemExit(f"--resume: arguments differ from the run in {args.out} (saved, now): {differing}")
@@ -211,7 +218,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     while slao.task_index < last:
         task = slao.begin_task()
         params = list(slao.parameters())
-        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)  # a new one per task
+        optimizer = (torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0) if args.optimizer == "adamw"
+                     else torch.optim.SGD(params, lr=args.lr))  # a new one per task
         if accelerator is not None:
             optimizer = accelerator.prepare_optimizer(optimizer)
         start, losses = time.perf_counter(), []
