@@ -57,6 +57,10 @@ def reference_run(A1, B1, tasks, lam, init, merge, finetune_deltas):
     return history
 
 
+EXPECTED_LAMBDAS = {"inv_sqrt": [1.0, 0.7071067811865476, 0.5773502691896258, 0.5],  # 1/√i, written out
+                    "inv": [1.0, 0.5, 1 / 3, 0.25], 0.5: [1.0, 0.5, 0.5, 0.5]}
+
+
 @pytest.mark.parametrize("init,merge,lam", [
     ("orthogonal", "B", "inv_sqrt"),  # SLAO
     ("orthogonal", "B", "inv"), ("orthogonal", "B", 0.5),
@@ -73,7 +77,7 @@ def test_state_machine_matches_step_by_step_reference(init, merge, lam):
         before = {id(p): p.detach().clone() for p in slao.parameters()}
         fake_finetune(slao, i)
         deltas[i] = tuple(getattr(layer, f).detach() - before[id(getattr(layer, f))] for f in ("lora_A", "lora_B"))
-        assert slao.end_task() == pytest.approx(merge_weight(lam, i))
+        assert slao.end_task() == pytest.approx(EXPECTED_LAMBDAS[lam][i - 1])
     want = reference_run(A1, B1, 4, lam, init, merge, deltas)
     A_merge, B_merge = want[-1]
     torch.testing.assert_close(layer.lora_A.detach(), A_merge, rtol=1e-5, atol=1e-6)
@@ -103,16 +107,32 @@ def test_random_init_ablation_resets_the_adapter():
         assert torch.equal(layer.lora_B, torch.zeros_like(layer.lora_B))
 
 
-def test_model_holds_merged_adapter_and_runs_after_end_task():
+def test_model_holds_merged_adapter_after_end_task():
+    """After task 2 the model computes W0 + s·B_merge,2·A_ft,2 with B_merge,2 = B_ft,1 + (B_ft,2 − B_ft,1)/√2,
+    checked against the merged weights built by hand in fp64 and put into a reverted copy of the model."""
     model, slao = patched()
     ids = torch.randint(0, 96, (2, 8))
+    fts = []
     for i in range(1, 3):
         slao.begin_task()
         fake_finetune(slao, i)
+        fts.append({n: (m.lora_A.detach().double().clone(), m.lora_B.detach().double().clone())
+                    for n, m in slao.modules.items()})
         slao.end_task()
     with torch.no_grad():
-        logits = model(ids).logits
-    assert torch.isfinite(logits).all()
+        logits = model(ids).logits.double()
+    torch.manual_seed(0)  # the seed patched() built the model under (conftest): the same base weights
+    expected_model = tiny_model().double()
+    with torch.no_grad():
+        for n, m in slao.modules.items():
+            (_, B1), (A2, B2) = fts[0][n], fts[1][n]
+            B_merge = B1 + (B2 - B1) / math.sqrt(2)
+            expected_model.get_submodule(n).weight.add_(m.scaling * B_merge @ A2)
+        want = expected_model(ids).logits
+    torch.testing.assert_close(logits, want, rtol=0, atol=1e-4)  # fp32 model vs fp64: a few fp32 roundings
+    torch.manual_seed(0)
+    base_logits = tiny_model().double()(ids).logits
+    assert (logits - base_logits).abs().max() > 1e-2  # the adapter does change the output
 
 
 def test_memory_is_constant_over_twelve_tasks():
@@ -174,3 +194,143 @@ def test_merge_weight_schedules():
     assert merge_weight("inv", 4) == 0.25 and merge_weight(0.3, 1) == 1.0 and merge_weight(0.3, 7) == 0.3
     assert merge_weight("inv_sqrt", 9) == pytest.approx(1 / math.sqrt(9))
     assert slao_kernels.SLAO is SLAO
+
+
+# ----------------------------------------------------------------------------- transactions (issue 12)
+
+
+def state(slao):
+    """Everything the controller and the model's adapters hold, copied."""
+    tensors = {}
+    for n, m in slao.modules.items():
+        tensors[f"{n}.A"], tensors[f"{n}.B"] = m.lora_A.detach().clone(), m.lora_B.detach().clone()
+        for key, buffers in (("bufB", slao._b_other), ("bufA", slao._a_other)):
+            if n in buffers:
+                tensors[f"{n}.{key}"] = buffers[n].clone()
+    return {"tensors": tensors, "task_index": slao.task_index, "in_task": slao.in_task}
+
+
+def assert_same_state(got, want):
+    assert (got["task_index"], got["in_task"]) == (want["task_index"], want["in_task"])
+    assert sorted(got["tensors"]) == sorted(want["tensors"])
+    for k, t in want["tensors"].items():  # bit for bit, NaN where NaN was
+        torch.testing.assert_close(got["tensors"][k], t, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{k}: {m}")
+
+
+MODES = [("orthogonal", "B"), ("orthogonal", "A"), ("orthogonal", "AB"), ("orthogonal", "none"),
+         ("last_ft", "B"), ("last_merge", "B"), ("last_merge", "AB"), ("random", "B")]
+
+
+@pytest.mark.parametrize("init,merge", MODES)
+@pytest.mark.parametrize("factor", ["lora_A", "lora_B"])
+@pytest.mark.parametrize("task", [1, 2])
+def test_end_task_refuses_a_non_finite_factor_and_changes_nothing(init, merge, factor, task):
+    torch.manual_seed(0)
+    model, slao = patched(init=init, merge=merge)
+    torch.manual_seed(0)
+    clean_model, clean = patched(init=init, merge=merge)  # the same run without the fault
+    for i in range(1, task + 1):
+        for c in (slao, clean):
+            torch.manual_seed(i)  # the random-init ablation draws: the same in both runs
+            c.begin_task()
+            fake_finetune(c, i)
+        if i < task:
+            slao.end_task()
+            clean.end_task()
+    name = "model.layers.1.self_attn.v_proj"
+    param = getattr(slao.modules[name], factor)
+    good = param.detach().clone()
+    with torch.no_grad():
+        param[0, 0] = float("nan")
+    before = state(slao)
+    with pytest.raises(ValueError, match=rf"end_task\(\): not finite .*{name}\.{factor}.*nothing merged"):
+        slao.end_task()
+    assert_same_state(state(slao), before)  # in the task still, the bad adapter where it was, buffers intact
+    with torch.no_grad():
+        param.copy_(good)  # the user fixes it: the retry merges as if nothing had happened
+    assert slao.end_task() == clean.end_task()
+    assert_same_state(state(slao), state(clean))
+
+
+@pytest.mark.parametrize("init,merge", MODES)
+@pytest.mark.parametrize("task", [1, 3])
+def test_abort_task_restores_the_state_before_begin_task_bit_for_bit(init, merge, task):
+    torch.manual_seed(0)
+    model, slao = patched(init=init, merge=merge)
+    for i in range(1, task):
+        torch.manual_seed(7)
+        slao.begin_task()
+        fake_finetune(slao, i)
+        slao.end_task()
+    before = state(slao)
+    adapter_bytes = slao.state_bytes()
+    torch.manual_seed(7)
+    slao.begin_task()
+    # during the task: one extra copy of each layer's A and B, whatever the number of tasks
+    own = sum(p.numel() * p.element_size() for p in slao.parameters())
+    assert slao.state_bytes() == adapter_bytes + own
+    fake_finetune(slao, task)
+    with torch.no_grad():
+        slao.modules["model.layers.0.self_attn.q_proj"].lora_B[1, 2] = float("inf")  # diverged
+    with pytest.raises(ValueError, match="not finite"):
+        slao.end_task()
+    assert slao.abort_task() == task - 1
+    assert_same_state(state(slao), before)
+    assert slao.state_bytes() == adapter_bytes
+    # the retried task gives what a run that never failed gives
+    torch.manual_seed(7)
+    slao.begin_task()
+    fake_finetune(slao, task)
+    slao.end_task()
+    torch.manual_seed(0)
+    _, clean = patched(init=init, merge=merge)
+    for i in range(1, task + 1):
+        torch.manual_seed(7)
+        clean.begin_task()
+        fake_finetune(clean, i)
+        clean.end_task()
+    assert_same_state(state(slao), state(clean))
+
+
+def test_abort_task_without_a_task_is_refused():
+    _, slao = patched()
+    with pytest.raises(RuntimeError, match="no task in progress"):
+        slao.abort_task()
+
+
+@pytest.mark.parametrize("where", ["model", "buffer"])
+def test_begin_task_refuses_a_non_finite_adapter_and_changes_nothing(where):
+    """NaN put in between tasks (by hand, a bad load) is refused before the init orthonormalizes it."""
+    _, slao = patched()
+    slao.begin_task()
+    fake_finetune(slao, 1)
+    slao.end_task()
+    name = "model.layers.0.self_attn.v_proj"
+    with torch.no_grad():
+        target = slao.modules[name].lora_A if where == "model" else slao._b_other[name]
+        target[0, 0] = float("nan")
+    before = state(slao)
+    with pytest.raises(ValueError, match=rf"begin_task\(\): not finite .*{name}.*nothing changed"):
+        slao.begin_task()
+    assert_same_state(state(slao), before)
+
+
+def test_a_failing_init_is_undone(monkeypatch):
+    """An error inside the init (after the swaps) leaves the controller as before begin_task()."""
+    from slao_kernels.continual import slao as slao_module
+
+    _, slao = patched()
+    for i in (1, 2):
+        slao.begin_task()
+        fake_finetune(slao, i)
+        slao.end_task()
+    before = state(slao)
+
+    def half_then_fail(params):
+        with torch.no_grad():
+            params[0].zero_()  # a partial write, then the failure
+        raise RuntimeError("injected")
+    monkeypatch.setattr(slao_module, "orthonormalize_rows_", half_then_fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        slao.begin_task()
+    assert_same_state(state(slao), before)

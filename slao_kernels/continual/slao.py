@@ -16,6 +16,14 @@ one B-sized buffer per layer (holding ``B_ft`` between tasks and ``B_merge``
 during training; the two are exchanged by swapping tensors, not copying), plus
 one A-sized buffer per layer for the ablations that merge A.
 
+Transactions: ``begin_task()`` and ``end_task()`` check every factor they will
+keep, merge or orthonormalize (all finite) before writing anything; a refused
+call raises ``ValueError`` naming the modules and changes nothing. During a
+task the controller also holds one copy of each layer's A and B (the
+adapter's own size again, freed by ``end_task``), so that :meth:`SLAO.abort_task`
+can put the model and the controller back exactly as they were before the
+task's ``begin_task()``: retry the task, or stop with the last merged adapter.
+
 Ablations (the paper's table, and the ``last_ft`` control of an independent
 reproduction): ``init`` ∈ {"orthogonal", "last_ft", "last_merge", "random"},
 ``merge`` ∈ {"B", "A", "AB", "none"}, ``lam`` ∈ {"inv_sqrt", "inv", float c}.
@@ -112,6 +120,8 @@ class SLAO:
         # The one buffer per layer (see the module docstring), allocated at the first end_task().
         self._b_other: dict[str, torch.Tensor] = {}
         self._a_other: dict[str, torch.Tensor] = {}
+        # During a task: what begin_task() and training overwrite, for abort_task() (see _snapshot).
+        self._undo: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ the two hooks
 
@@ -122,10 +132,26 @@ class SLAO:
             raise RuntimeError(f"begin_task(): task {self.task_index} has not ended; call end_task() first")
         dist_utils.reshard(self.model)
         self._check_layout()
+        # everything the init reads or keeps: the adapter in the model and the buffers
+        self._check_finite("begin_task()", [(f"{n}.{f}", getattr(m, f)) for n, m in self.modules.items()
+                                             for f in ("lora_A", "lora_B")]
+                           + [(f"{n}.buffer_B", b) for n, b in self._b_other.items()]
+                           + [(f"{n}.buffer_A", a) for n, a in self._a_other.items()],
+                           "nothing changed")
+        self._undo = self._snapshot()
         self.task_index += 1
         self.in_task = True
         if self.task_index == 1:
             return 1  # the fresh adapter of patch_llama (A Kaiming-uniform, B = 0)
+        try:
+            self._init_task()
+        except BaseException:
+            self.abort_task()  # the swaps are done, the init may be half-written: undo both
+            raise
+        return self.task_index
+
+    def _init_task(self) -> None:
+        """``begin_task`` of a task i ≥ 2: swap the fine-tuned factors in, then initialize."""
         layers = list(self.modules.values())
         names = list(self.modules)
         # Save the merged factors, put the fine-tuned ones (or the init) in the model.
@@ -134,7 +160,7 @@ class SLAO:
                 local(self._b_other[n]).copy_(local(m.lora_B))
                 if self.merge in ("A", "AB"):
                     local(self._a_other[n]).copy_(local(m.lora_A))
-            return self.task_index
+            return
         for n, m in zip(names, layers):
             self._swap(m.lora_B, self._b_other, n)  # model: B_ft,i−1; buffer: B_merge,i−1
             if self.merge in ("A", "AB"):
@@ -144,7 +170,6 @@ class SLAO:
         elif self.init == "random":
             for m in layers:
                 self._reset(m)
-        return self.task_index
 
     @torch.no_grad()
     def end_task(self) -> float:
@@ -154,6 +179,13 @@ class SLAO:
             raise RuntimeError("end_task(): no task in progress; call begin_task() first")
         dist_utils.reshard(self.model)
         self._check_layout()
+        # Every mode keeps both fine-tuned factors (merged, as A_merge, or as the next init): check them all
+        # before anything is written, so a refused end_task leaves the task open to fix, retry or abort.
+        self._check_finite("end_task()", [(f"{n}.{f}", getattr(m, f)) for n, m in self.modules.items()
+                                           for f in ("lora_A", "lora_B")],
+                           f"nothing merged; the model still holds task {self.task_index}'s fine-tuned adapter: "
+                           "fix it and call end_task() again, or abort_task() to go back to the adapter "
+                           "before this task")
         lam = merge_weight(self.lam, self.task_index)
         names = list(self.modules)
         layers = list(self.modules.values())
@@ -174,22 +206,62 @@ class SLAO:
             # the local rows (all of them unless sharded); a rank can hold none of a small A
             pairs = [(local(buffers[n]), local(getattr(m, factor))) for n, m in zip(names, layers)]
             pairs = [(b, p) for b, p in pairs if b.numel()]
-            if merges and is_sharded(getattr(layers[0], factor)):
-                # the merge refuses non-finite input on the rank that holds it; every rank must agree
-                # first, or the others would write their rows and wait for that rank forever
-                bad = [n for (n, m) in zip(names, layers) if not torch.isfinite(local(getattr(m, factor))).all()]
-                if dist_utils.any_rank(bool(bad), local(getattr(layers[0], factor)).device):
-                    raise ValueError(f"SLAO.end_task(): {factor} is not finite on "
-                                     f"{'this rank in ' + str(bad[:3]) if bad else 'another rank'}; nothing merged")
-            if merges and pairs:
-                scaled_merge_([b for b, _ in pairs], [p for _, p in pairs], lam, check_finite=True)
+            if merges and pairs:  # inputs checked finite above, on every rank
+                scaled_merge_([b for b, _ in pairs], [p for _, p in pairs], lam, check_finite=False)
             elif not merges:  # not merged: the model keeps the fine-tuned factor as the "merged" one
                 for b, p in pairs:
                     b.copy_(p)
             for n, m in zip(names, layers):
                 self._swap(getattr(m, factor), buffers, n)
         self.in_task = False
+        self._undo = {}
         return lam
+
+    @torch.no_grad()
+    def abort_task(self) -> int:
+        """Undo the task in progress: the model's adapter and the controller are
+        exactly (bit for bit) what they were before this task's ``begin_task()``
+        — the merged adapter of task i−1, or for task 1 the adapter it started
+        from. Use it when training diverged or ``end_task()`` refused the adapter;
+        then retry the task with ``begin_task()`` or stop with a usable model.
+        Returns the number of tasks completed (i−1). Create a new optimizer
+        afterwards: the parameters' values changed under the old one."""
+        if not self.in_task:
+            raise RuntimeError("abort_task(): no task in progress")
+        dist_utils.reshard(self.model)
+        for n, m in self.modules.items():
+            for factor, buffers, saved in (("lora_A", self._a_other, self._undo[n][0]),
+                                           ("lora_B", self._b_other, self._undo[n][1])):
+                param = getattr(m, factor)
+                if n in buffers:  # the buffer holds the model's value from before the task (swapped or copied)
+                    self._swap(param, buffers, n)
+                    local(buffers[n]).copy_(saved)
+                else:
+                    local(param).copy_(saved)
+        self.task_index -= 1
+        self.in_task = False
+        self._undo = {}
+        return self.task_index
+
+    def _snapshot(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of what the next task overwrites, per layer ``(A, B)``: for a factor with a
+        buffer, the buffer's value (begin_task moves it into the model, training changes it; the
+        buffer then holds the model's old value); otherwise the model's value. This rank's rows."""
+        def saved(n: str, factor: str, buffers: dict) -> torch.Tensor:
+            source = buffers[n] if n in buffers else getattr(self.modules[n], factor)
+            return local(source).detach().clone()
+        return {n: (saved(n, "lora_A", self._a_other), saved(n, "lora_B", self._b_other)) for n in self.modules}
+
+    def _check_finite(self, where: str, named: list[tuple[str, torch.Tensor]], consequence: str) -> None:
+        """Raise ``ValueError`` naming the tensors that hold a NaN or an infinity. In a
+        distributed run every rank takes part and all raise together (a rank that
+        raised alone would leave the others waiting in the next collective)."""
+        bad = [name for name, t in named if local(t).numel() and not torch.isfinite(local(t)).all()]
+        device = local(named[0][1]).device if named else "cpu"
+        if dist_utils.any_rank(bool(bad), device):
+            where_bad = f"{bad[:4]}{' and more' if len(bad) > 4 else ''}" if bad else "another rank's shards"
+            raise ValueError(f"SLAO.{where}: not finite (NaN or inf) in {where_bad}"
+                             f"{' on this rank' if bad and dist_utils.initialized() else ''}; {consequence}")
 
     # ------------------------------------------------------------------ helpers
 
@@ -254,8 +326,10 @@ class SLAO:
             yield m.lora_B
 
     def state_bytes(self) -> int:
-        """Bytes held for SLAO on this rank: the adapters in the model plus the controller's buffers."""
-        tensors = [p for p in self.parameters()] + list(self._b_other.values()) + list(self._a_other.values())
+        """Bytes held for SLAO on this rank: the adapters in the model plus the controller's buffers
+        (and, during a task, the copy :meth:`abort_task` restores from)."""
+        tensors = ([p for p in self.parameters()] + list(self._b_other.values()) + list(self._a_other.values())
+                   + [t for pair in self._undo.values() for t in pair])
         return sum(local(t).numel() * t.element_size() for t in tensors)
 
     # ------------------------------------------------------------------ checkpoints
