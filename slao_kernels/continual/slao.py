@@ -348,7 +348,7 @@ class SLAO:
         and every rank returns once the files are in place.
         """
         from slao_kernels import __version__
-        from slao_kernels.io import save_checkpoint
+        from slao_kernels.io import refuse_non_finite, save_checkpoint, validate_slao_meta
 
         if self.in_task:
             raise RuntimeError(f"save(): task {self.task_index} is in progress; checkpoint after end_task()")
@@ -362,6 +362,9 @@ class SLAO:
                 tensors[f"{n}.buffer_A"] = gather(self._a_other[n])
         meta = {"library_version": __version__, "task_index": self.task_index,
                 "slao": {"lam": self.lam, "init": self.init, "merge": self.merge}, "layers": self._layer_meta()}
+        # on every rank (all hold the full tensors), before rank 0 writes: all raise alike, none waits forever
+        validate_slao_meta(meta, tensors, where="SLAO.save")  # never write a checkpoint load() would refuse
+        refuse_non_finite(tensors, "SLAO.save")
         path = os.path.join(directory, "slao.json")
         if dist_utils.is_main_process():
             path = save_checkpoint(directory, tensors, meta)
@@ -377,12 +380,12 @@ class SLAO:
         Works at any world size: call it on every rank, after wrapping or
         sharding the model; each rank reads the file and keeps the rows it holds.
         """
-        from slao_kernels.io import load_checkpoint
+        from slao_kernels.io import load_checkpoint, validate_slao_meta
 
-        meta, tensors = load_checkpoint(directory)
-        cfg = meta["slao"]
-        slao = cls(model, lam=cfg["lam"], init=cfg["init"], merge=cfg["merge"])
-        saved, ours = meta["layers"], slao._layer_meta()
+        meta, tensors = load_checkpoint(directory)  # checksums, shapes, finiteness
+        state = validate_slao_meta(meta, tensors, where=f"SLAO checkpoint {os.path.join(directory, 'slao.json')}")
+        slao = cls(model, lam=state["lam"], init=state["init"], merge=state["merge"])  # reads the model only
+        saved, ours = state["layers"], slao._layer_meta()
         if saved != ours:
             only_saved = sorted(set(saved) - set(ours))[:3]
             only_model = sorted(set(ours) - set(saved))[:3]
@@ -390,17 +393,20 @@ class SLAO:
             raise ValueError(f"SLAO.load: the checkpoint does not fit this model (layers only in the checkpoint: "
                              f"{only_saved}, only in the model: {only_model}, with other shapes or config: "
                              f"{[(n, saved[n], ours[n]) for n in differing]})")
+        # Everything is checked. Fill the controller's new buffers first (the model is not touched
+        # yet), then copy the adapter into the model, and only then set the task index.
         dist_utils.reshard(slao.model)
         with torch.no_grad():
             for n, m in slao.modules.items():
-                write_full_(m.lora_A, tensors[f"{n}.lora_A"])
-                write_full_(m.lora_B, tensors[f"{n}.lora_B"])
                 for key, param, buffers in ((f"{n}.buffer_B", m.lora_B, slao._b_other),
                                             (f"{n}.buffer_A", m.lora_A, slao._a_other)):
                     if key in tensors:
                         buffers[n] = torch.empty_like(param)  # sharded like the parameter
                         write_full_(buffers[n], tensors[key])
-        slao.task_index = int(meta["task_index"])
+            for n, m in slao.modules.items():
+                write_full_(m.lora_A, tensors[f"{n}.lora_A"])
+                write_full_(m.lora_B, tensors[f"{n}.lora_B"])
+        slao.task_index = state["task_index"]
         return slao
 
     def __repr__(self) -> str:
