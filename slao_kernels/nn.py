@@ -104,17 +104,19 @@ class LoRALinear(nn.Module):
         if not isinstance(base, nn.Linear):
             raise TypeError(f"{where} wraps an nn.Linear, got {type(base).__name__}")
         weight, bias = base.weight, base.bias
-        if not isinstance(weight, torch.Tensor):
-            raise TypeError(f"{where}: the nn.Linear holds no weight (got {weight!r}); is it the kept-aside shell "
-                            "of another LoRALinear?")
+        if not isinstance(weight, nn.Parameter):
+            raise TypeError(f"{where}: the nn.Linear's weight must be an nn.Parameter, got "
+                            f"{type(weight).__name__}" + (" (is it the kept-aside shell of another LoRALinear?)"
+                                                          if weight is None else ""))
         if weight.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{where}: the base weight must be float32/bfloat16/float16/float64, got {weight.dtype}")
         if tuple(weight.shape) != (base.out_features, base.in_features):
             raise ValueError(f"{where}: the base weight has shape {tuple(weight.shape)}, but the nn.Linear says "
                              f"(out_features, in_features) = {(base.out_features, base.in_features)}")
-        if bias is not None and (bias.dtype not in FLOAT_DTYPES or tuple(bias.shape) != (base.out_features,)):
-            raise ValueError(f"{where}: the base bias must be a floating ({base.out_features},) tensor, got "
-                             f"{bias.dtype} {tuple(bias.shape)}")
+        if bias is not None and (not isinstance(bias, nn.Parameter) or bias.dtype not in FLOAT_DTYPES
+                                 or tuple(bias.shape) != (base.out_features,)):
+            raise ValueError(f"{where}: the base bias must be None or a floating ({base.out_features},) "
+                             f"nn.Parameter, got {type(bias).__name__} {bias.dtype} {tuple(bias.shape)}")
         if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
             raise TypeError(f"{where}: rank must be an int, got {rank!r} ({type(rank).__name__})")
         rank = int(rank)

@@ -237,6 +237,7 @@ def patch_llama(model: nn.Module, config: LoRAConfig | None = None,
     flags = [(p, p.requires_grad) for p in model.parameters()]
     old_flags = {n: p.requires_grad for n, p in model.named_parameters()}
     rng = _rng_states({linear.weight.device for _, linear in new})
+    owned = [(linear, linear.weight, linear.bias) for _, linear in new]  # a LoRALinear takes these over
     built, installed = [], []
     try:
         for name, linear in new:
@@ -247,8 +248,9 @@ def patch_llama(model: nn.Module, config: LoRAConfig | None = None,
     except BaseException:
         for name, linear in reversed(installed):
             _set_submodule(model, name, linear)
-        for wrapped in built:
-            wrapped.to_linear()  # gives the original linear its weight and bias Parameters back
+        for linear, weight, bias in owned:  # the originals get their own Parameters back
+            linear.register_parameter("weight", weight)
+            linear.register_parameter("bias", bias)
         for p, flag in flags:
             p.requires_grad_(flag)
         _restore_rng_states(rng)
