@@ -143,3 +143,83 @@ def test_frozen_adapters_add_up_and_merge():
     out = m(x)
     m.merge()
     torch.testing.assert_close(m(x), out, rtol=1e-5, atol=1e-5)
+
+
+# --- issue 12 (defect 10): every argument checked at construction, naming it; the base is untouched on refusal ---
+
+
+@pytest.mark.parametrize("kwargs,exc,field", [
+    (dict(alpha=float("nan")), ValueError, "alpha"),
+    (dict(alpha=float("inf")), ValueError, "alpha"),
+    (dict(alpha=10 ** 400), ValueError, "alpha"),  # float() of it would be an OverflowError
+    (dict(alpha="8"), TypeError, "alpha"),
+    (dict(alpha=None), TypeError, "alpha"),
+    (dict(alpha=False), TypeError, "alpha"),
+    (dict(alpha=2j), TypeError, "alpha"),
+    (dict(alpha=1e300), ValueError, "scaling"),  # 2.5e299 does not fit the fp32 adapter or weight
+    (dict(rslora="no"), TypeError, "rslora"),
+    (dict(rslora=0), TypeError, "rslora"),
+    (dict(dropout=True), TypeError, "dropout"),
+    (dict(dropout=None), TypeError, "dropout"),
+    (dict(dropout=float("nan")), ValueError, "dropout"),
+    (dict(dropout=-0.5), ValueError, "dropout"),
+    (dict(dtype=torch.complex64), TypeError, "dtype"),
+    (dict(dtype=torch.int32), TypeError, "dtype"),
+    (dict(dtype=torch.float8_e5m2), TypeError, "dtype"),
+    (dict(dtype="float32"), TypeError, "dtype"),
+    (dict(rank=True), TypeError, "rank"),
+    (dict(rank="4"), TypeError, "rank"),
+])
+def test_bad_argument_is_refused_and_the_base_is_untouched(kwargs, exc, field):
+    base = nn.Linear(32, 24)
+    weight, bias = base.weight, base.bias
+    kwargs = {"rank": 4, "alpha": 8, **kwargs}
+    with pytest.raises(exc) as err:
+        LoRALinear(base, **kwargs)
+    msg = str(err.value)
+    assert msg.startswith("LoRALinear") and f"{field}" in msg and "\n" not in msg, msg
+    assert base.weight is weight and base.bias is bias  # still registered on the linear layer
+    assert weight.requires_grad and bias.requires_grad
+
+
+@pytest.mark.parametrize("base_dtype,lora_dtype,alpha,ok", [
+    (torch.float16, torch.float32, 65504.0, True),   # rank 1: scaling 65504, float16's largest finite value
+    (torch.float16, torch.float32, 65536.0, False),  # beyond float16 though the fp32 adapter could hold it
+    (torch.float32, torch.float16, 1e5, False),      # beyond the fp16 adapter
+    (torch.float32, torch.float32, 3e38, True),
+    (torch.float64, torch.float64, 1e300, True),     # float64 holds it
+    (torch.float64, torch.float32, 1e300, False),
+])
+def test_scaling_must_fit_adapter_and_base_dtype(base_dtype, lora_dtype, alpha, ok):
+    base = nn.Linear(8, 8).to(base_dtype)
+    if ok:
+        assert LoRALinear(base, rank=1, alpha=alpha, dtype=lora_dtype).scaling == alpha
+    else:
+        with pytest.raises(ValueError, match=r"LoRALinear: scaling = alpha/rank = .* overflows"):
+            LoRALinear(base, rank=1, alpha=alpha, dtype=lora_dtype)
+        assert isinstance(base.weight, nn.Parameter) and base.weight.requires_grad
+
+
+def test_rslora_scaling_check_uses_the_square_root():
+    # alpha/√r = 1e39/√4 = 5e38 > float32's 3.4e38; alpha/r = 2.5e38 would fit
+    assert LoRALinear(nn.Linear(8, 8), rank=4, alpha=1e39).scaling == pytest.approx(2.5e38)
+    with pytest.raises(ValueError, match=r"scaling = alpha/√rank"):
+        LoRALinear(nn.Linear(8, 8), rank=4, alpha=1e39, rslora=True)
+
+
+def test_wrapping_the_kept_aside_shell_is_refused():
+    base = nn.Linear(16, 16)
+    LoRALinear(base, rank=2, alpha=4)
+    with pytest.raises(TypeError, match="LoRALinear: the nn.Linear's weight must be an nn.Parameter.*shell"):
+        LoRALinear(base, rank=2, alpha=4)
+
+
+def test_merge_refuses_a_non_finite_result_and_keeps_the_weight():
+    m = LoRALinear(nn.Linear(16, 12), rank=2, alpha=4)
+    with torch.no_grad():
+        m.lora_B.normal_()
+        m.lora_A[0, 3] = float("inf")
+    w0 = m.weight.detach().clone()
+    with pytest.raises(ValueError, match="not finite.*left unchanged"):
+        m.merge()
+    assert torch.equal(m.weight, w0) and not m.merged
