@@ -353,9 +353,11 @@ def validate_slao_meta(meta, tensors: dict[str, torch.Tensor] | None = None, whe
         raise ValueError(f"{where}: holds a checkpoint of strategy {meta['strategy']!r}, not of SLAO")
     fields = ("library_version", "task_index", "slao", "layers")
     missing = [k for k in fields if k not in meta]
-    unknown = sorted(set(meta) - set(fields) - set(_WRITTEN_KEYS))
+    unknown = sorted(set(meta) - set(fields) - set(_WRITTEN_KEYS) - {"metadata"})
     if missing or unknown:
         raise ValueError(f"{where}: expected the fields {list(fields)}; missing {missing}, unknown {unknown}")
+    if "metadata" in meta and not isinstance(meta["metadata"], dict):  # the caller's record (SLAO.save)
+        raise ValueError(f"{where}: field 'metadata' must be an object, got {meta['metadata']!r:.80}")
     if not isinstance(meta["library_version"], str):
         raise ValueError(f"{where}: field 'library_version' must be a str, got {meta['library_version']!r}")
     task_index = meta["task_index"]

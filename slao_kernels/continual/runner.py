@@ -5,9 +5,11 @@ Output directory (every file is written atomically, so a crash leaves the
 last consistent state, never a torn file)::
 
     report.json                 tasks, accuracy_matrix, zero_shot, aa, bwt, fwt, forgetting, ap, fp,
-                                config, timings, losses, adapter_bytes, status ("running" or "complete")
-                                — rewritten after every task
-    checkpoint/                 the strategy's state after the last finished task (SLAO: SLAO.load)
+                                config, timings, losses, adapter_bytes, status ("running", "failed"
+                                with failed_task, or "complete") — rewritten after every task
+    checkpoint/                 the strategy's state after the last finished task (SLAO: SLAO.load),
+                                with the run's record of every finished task: the commit point
+    adapter/                    the final adapter in PEFT format (written last)
     accuracy_matrix.png         heatmap of R (with matplotlib installed)
     accuracy_over_time.png      accuracy of every task after each training stage
 """
@@ -97,41 +99,91 @@ def _eval_all(model, encoder, tasks, config: RunConfig, desc: str, progress: boo
                 for t in tasks]
 
 
-def _resumable(out: str, names: list[str], config: dict) -> dict:
-    """The report of an interrupted run in ``out`` that this run continues (checked to match)."""
-    path = os.path.join(out, "report.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"nothing to resume: {path} does not exist")
-    with open(path) as f:
-        report = json.load(f)
-    if report.get("tasks") != names:
-        raise ValueError(f"cannot resume: {path} is a run over {report.get('tasks')}, not {names}")
-    saved = {k: v for k, v in report["config"].items() if k not in RUN_SPECIFIC}
-    ours = {k: v for k, v in config.items() if k not in RUN_SPECIFIC}
+# report["config"] entries that may differ between a run and its resumption
+RUN_SPECIFIC = ("model_load_s",)
+# the report entries a checkpoint records, task by task: what a resumed run rebuilds its report from
+RECORDED = ("tasks", "zero_shot", "accuracy_matrix", "losses", "adapter_bytes", "timings")
+
+
+def _stage(name: str, task: int) -> None:
+    """Called as each step of a task's sequence completes (``"trained"``, ``"checkpoint"``, ``"report"``;
+    at the end ``"plots"``, ``"adapter"``, ``"complete"``). Does nothing: the crash tests replace it to
+    stop a run at exactly that point."""
+
+
+def _comparable(config: dict) -> dict:
+    # strategy_config follows from the strategy and its options (compared): left out, so the check
+    # can run before the strategy exists
+    return {k: v for k, v in config.items() if k not in RUN_SPECIFIC and k != "strategy_config"}
+
+
+def _resume_state(out: str, names: list[str], config: dict) -> dict | None:
+    """What an interrupted run in ``out`` has committed: its checkpoint's record of the finished tasks
+    (None when no task finished), checked against this run's tasks and settings before anything is loaded.
+
+    The checkpoint is the commit point of every task; report.json is derived from it and may lag by one
+    task (a kill between the two writes), never lead. Anything else is refused."""
+    from slao_kernels.io import load_checkpoint
+
+    report_path, checkpoint = os.path.join(out, "report.json"), os.path.join(out, "checkpoint")
+    report = None
+    if os.path.isfile(report_path):
+        with open(report_path) as f:
+            report = json.load(f)
+        if not isinstance(report, dict) or report.get("tasks") != names:
+            raise ValueError(f"cannot resume: {report_path} is a run over "
+                             f"{report.get('tasks') if isinstance(report, dict) else report!r}, not {names}")
+    if not os.path.isfile(os.path.join(checkpoint, "slao.json")):
+        if report is not None and report.get("accuracy_matrix"):
+            raise ValueError(f"cannot resume: {report_path} lists {len(report['accuracy_matrix'])} finished "
+                             f"task(s) but {checkpoint} holds no checkpoint; start again with --overwrite")
+        if report is None:
+            raise FileNotFoundError(f"nothing to resume: {report_path} does not exist")
+        return None
+    meta, _ = load_checkpoint(checkpoint)
+    record = (meta.get("metadata") or {}).get("run")
+    if not isinstance(record, dict) or any(k not in record for k in RECORDED + ("config",)):
+        raise ValueError(f"cannot resume: the checkpoint in {checkpoint} has no run record (written by an "
+                         "older version, or not by run_stream); start again with --overwrite")
+    done = len(record["accuracy_matrix"])
+    if record["tasks"] != names or not 1 <= done <= len(names):
+        raise ValueError(f"cannot resume: the checkpoint in {checkpoint} is of a run over {record['tasks']} "
+                         f"with {done} finished, not of {names}")
+    saved, ours = _comparable(record["config"]), _comparable(config)
     if saved != ours:
         differ = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
         raise ValueError(f"cannot resume: the run in {out} has other settings ({', '.join(differ)})")
-    return report
-
-
-# report["config"] entries that may differ between a run and its resumption
-RUN_SPECIFIC = ("model_load_s",)
+    return record
 
 
 def run_stream(model: nn.Module, tokenizer, tasks: Sequence[Task], config: RunConfig = RunConfig(),
                out: str | None = None, progress: bool = True, log: Callable[[str], None] = print,
-               extra_report: dict | None = None, resume: bool = False) -> dict:
+               extra_report: dict | None = None, resume: bool = False,
+               base_model_name_or_path: str | None = None) -> dict:
     """Train ``model`` on ``tasks`` in order with ``config.strategy``; returns the report.
 
     The model is patched with ``config.lora`` (in place) unless it already
-    carries those adapters. With ``out``, the report, checkpoint and plots are
-    written there (see the module docstring), the report after every task.
-    ``extra_report`` is merged into the report's ``config`` (model and data sources).
+    carries those adapters. With ``out``, the report, checkpoint, plots and the
+    final adapter (``out/adapter``, PEFT format, naming ``base_model_name_or_path``)
+    are written there (see the module docstring). ``extra_report`` is merged into
+    the report's ``config`` (model and data sources).
+
+    Each task ends in one commit: the checkpoint, which records the task's report
+    entries with the strategy's state. ``report.json`` is rewritten from it after.
 
     ``resume=True`` continues an interrupted run in ``out`` (same tasks, same
-    settings, checked) from its checkpoint after the last finished task. Each
+    settings, checked before the model is touched) after the last task its
+    checkpoint holds, rebuilding the report from the checkpoint's record. Each
     task starts from a seed of its own, so a resumed run reproduces the
-    uninterrupted one bit for bit.
+    uninterrupted one bit for bit (report, checkpoint, adapter) and never
+    trains a task twice.
+
+    Raises:
+        TaskFailed: a task's loss or adapter became non-finite. The report says
+            which (``status: "failed"``, ``failed_task``); the checkpoint keeps the
+            last finished task, which ``resume=True`` continues from. With the SLAO
+            strategy the model is back to that task's merged adapter.
+        RunInterrupted: Ctrl-C; the run directory holds the last finished task.
     """
     tasks = list(tasks)
     if not tasks:
@@ -142,76 +194,118 @@ def run_stream(model: nn.Module, tokenizer, tasks: Sequence[Task], config: RunCo
     for t in tasks:
         if not t.train:
             raise ValueError(f"run_stream: task {t.name!r} has no training rows")
-    torch.manual_seed(config.seed)
-    patch_llama(model, config.lora)
-    strategy = make_strategy(config.strategy, model, **config.strategy_options)
-    encoder = PromptEncoder(tokenizer, config.max_prompt_tokens)
-    strategy.attach(encoder, config.train, tasks)
-    report = {
-        "tasks": names, "status": "running", "accuracy_matrix": [], "zero_shot": None,
-        "aa": None, "bwt": None, "fwt": None, "forgetting": None, "ap": None, "fp": None,
-        "config": {**config.to_dict(), "strategy_config": strategy.config(), **(extra_report or {})},
-        "timings": {"zero_shot_eval_s": None, "tasks": []}, "losses": [], "adapter_bytes": [],
-        "environment": {"torch": torch.__version__, "device": str(next(model.parameters()).device),
-                        "cpu_threads": torch.get_num_threads(), "machine": platform.machine()},
-    }
+    if resume and out is None:
+        raise ValueError("resume=True needs the output directory of the run to continue")
+    current = 0  # the task in progress (1-based; 0 before the first), for RunInterrupted
+    try:
+        run_config = {**config.to_dict(), **(extra_report or {})}
+        # everything a resumption depends on is checked before the model changes
+        record = _resume_state(out, names, run_config) if resume else None
+        torch.manual_seed(config.seed)
+        patch_llama(model, config.lora)
+        strategy = make_strategy(config.strategy, model, **config.strategy_options)
+        encoder = PromptEncoder(tokenizer, config.max_prompt_tokens)
+        strategy.attach(encoder, config.train, tasks)
+        report = {
+            "tasks": names, "status": "running", "accuracy_matrix": [], "zero_shot": None,
+            "aa": None, "bwt": None, "fwt": None, "forgetting": None, "ap": None, "fp": None,
+            "config": {**run_config, "strategy_config": strategy.config()},
+            "timings": {"zero_shot_eval_s": None, "tasks": []}, "losses": [], "adapter_bytes": [],
+            "environment": {"torch": torch.__version__, "device": str(next(model.parameters()).device),
+                            "cpu_threads": torch.get_num_threads(), "machine": platform.machine()},
+        }
 
-    def save_report() -> None:
+        def save_report() -> None:
+            if out is not None:
+                from slao_kernels.io import write_json_atomic
+
+                write_json_atomic(os.path.join(out, "report.json"), report)
+
+        start = time.perf_counter()
+        done = 0
+        if resume:
+            if record is not None:
+                strategy.load(os.path.join(out, "checkpoint"))
+                report.update({k: record[k] for k in RECORDED})
+                done = len(record["accuracy_matrix"])
+            report["resumed_after_task"] = done
+            log(f"resuming {out}: {done} of {len(tasks)} tasks done")
+        if report["zero_shot"] is None:
+            t0 = time.perf_counter()
+            report["zero_shot"] = _eval_all(model, encoder, tasks, config, "zero-shot eval", progress)
+            report["timings"]["zero_shot_eval_s"] = time.perf_counter() - t0
+            log("zero-shot accuracy: " + ", ".join(f"{n} {a:.3f}" for n, a in zip(names, report["zero_shot"])))
+            save_report()
+        for i, task in enumerate(tasks):
+            if i < done:
+                continue
+            current = i + 1
+            torch.manual_seed(hash_name(f"{config.seed}:task {i}"))  # per task: a resumed run draws the same numbers
+            t0 = time.perf_counter()
+            strategy.begin_task(task)
+            t1 = time.perf_counter()
+            try:
+                trained = train_task(model, encoder, strategy.training_tasks(task, tasks[:i + 1]),
+                                     strategy.parameters(), config.train, extra_loss=strategy.extra_loss,
+                                     progress=progress, description=f"task {i + 1}/{len(tasks)} {task.name}")
+                _check_finite(strategy, "after training")
+                t2 = time.perf_counter()
+                info = strategy.end_task(task)
+                _check_finite(strategy, "after the strategy's end of task")
+            except FloatingPointError as exc:
+                undone = strategy.abort_task()
+                report["status"], report["failed_task"] = "failed", {"index": i + 1, "name": task.name,
+                                                                     "reason": str(exc)}
+                save_report()
+                raise TaskFailed(f"task {i + 1} of {len(tasks)} ({task.name}) failed: {exc}; "
+                                 + ("the model holds the adapter of the last finished task" if undone else
+                                    "the model's adapter is left as training made it")
+                                 + (f"; {out} keeps the last finished task's checkpoint" if out else ""),
+                                 i + 1, task.name, len(tasks)) from exc
+            t3 = time.perf_counter()
+            row = _eval_all(model, encoder, tasks, config, f"eval after {task.name}", progress)
+            t4 = time.perf_counter()
+            report["accuracy_matrix"].append(row)
+            report["losses"].append(trained["losses"])
+            report["adapter_bytes"].append(strategy.state_bytes())
+            report["timings"]["tasks"].append({"task": task.name, "begin_s": t1 - t0, "train_s": t2 - t1,
+                                               "end_s": t3 - t2, "eval_s": t4 - t3, "steps": trained["steps"],
+                                               **info})
+            report.pop("failed_task", None)
+            report["status"] = "running"
+            _stage("trained", i + 1)
+            if out is not None:  # the commit: the strategy's state and the report entries, in one file
+                record = {**{k: report[k] for k in RECORDED}, "config": report["config"]}
+                strategy.save(os.path.join(out, "checkpoint"), metadata={"run": record})
+            _stage("checkpoint", i + 1)
+            save_report()
+            _stage("report", i + 1)
+            log(f"task {i + 1}/{len(tasks)} {task.name}: loss {trained['losses'][0]:.3f} → "
+                f"{trained['losses'][-1]:.3f} in {t2 - t1:.1f} s; accuracy "
+                + ", ".join(f"{n} {a:.3f}" for n, a in zip(names, row)))
+        current = len(tasks)
+        report.update(cl_metrics(report["accuracy_matrix"], report["zero_shot"]))
+        report["timings"]["total_s"] = time.perf_counter() - start  # of this process: after a resume, the rest
         if out is not None:
-            from slao_kernels.io import write_json_atomic
+            from slao_kernels.continual.report import plot_report
+            from slao_kernels.io import save_peft_adapter
 
-            write_json_atomic(os.path.join(out, "report.json"), report)
-
-    start = time.perf_counter()
-    done = 0
-    if resume:
-        if out is None:
-            raise ValueError("resume=True needs the output directory of the run to continue")
-        report = _resumable(out, names, report["config"])
-        done = len(report["accuracy_matrix"])
-        if done:
-            strategy.load(os.path.join(out, "checkpoint"))
-        report["resumed_after_task"] = done
-        log(f"resuming {out}: {done} of {len(tasks)} tasks done")
-    if report["zero_shot"] is None:
-        t0 = time.perf_counter()
-        report["zero_shot"] = _eval_all(model, encoder, tasks, config, "zero-shot eval", progress)
-        report["timings"]["zero_shot_eval_s"] = time.perf_counter() - t0
-        log("zero-shot accuracy: " + ", ".join(f"{n} {a:.3f}" for n, a in zip(names, report["zero_shot"])))
+            report["plots"] = plot_report(report, out, log=log)
+            _stage("plots", len(tasks))
+            save_peft_adapter(model, os.path.join(out, "adapter"), base_model_name_or_path=base_model_name_or_path)
+            report["adapter"] = os.path.join(out, "adapter")
+            _stage("adapter", len(tasks))
+        report["status"] = "complete"
         save_report()
-    for i, task in enumerate(tasks):
-        if i < done:
-            continue
-        torch.manual_seed(hash_name(f"{config.seed}:task {i}"))  # per task: a resumed run draws the same numbers
-        t0 = time.perf_counter()
-        strategy.begin_task(task)
-        t1 = time.perf_counter()
-        trained = train_task(model, encoder, strategy.training_tasks(task, tasks[:i + 1]), strategy.parameters(),
-                             config.train,
-                             extra_loss=strategy.extra_loss, progress=progress,
-                             description=f"task {i + 1}/{len(tasks)} {task.name}")
-        t2 = time.perf_counter()
-        info = strategy.end_task(task)
-        t3 = time.perf_counter()
-        row = _eval_all(model, encoder, tasks, config, f"eval after {task.name}", progress)
-        t4 = time.perf_counter()
-        if out is not None:
-            strategy.save(os.path.join(out, "checkpoint"))
-        report["accuracy_matrix"].append(row)
-        report["losses"].append(trained["losses"])
-        report["adapter_bytes"].append(strategy.state_bytes())
-        report["timings"]["tasks"].append({"task": task.name, "begin_s": t1 - t0, "train_s": t2 - t1,
-                                           "end_s": t3 - t2, "eval_s": t4 - t3, "steps": trained["steps"], **info})
-        log(f"task {i + 1}/{len(tasks)} {task.name}: loss {trained['losses'][0]:.3f} → {trained['losses'][-1]:.3f} "
-            f"in {t2 - t1:.1f} s; accuracy " + ", ".join(f"{n} {a:.3f}" for n, a in zip(names, row)))
-        save_report()
-    R = report["accuracy_matrix"]
-    report.update(cl_metrics(R, report["zero_shot"]))
-    report["timings"]["total_s"] = time.perf_counter() - start  # of this process: after a resume, the rest only
-    report["status"] = "complete"
-    if out is not None:
-        from slao_kernels.continual.report import plot_report
+        _stage("complete", len(tasks))
+        return report
+    except KeyboardInterrupt:
+        raise RunInterrupted(current, len(tasks)) from None
 
-        report["plots"] = plot_report(report, out, log=log)
-    save_report()
-    return report
+
+def _check_finite(strategy, when: str) -> None:
+    """Raise ``FloatingPointError`` naming the adapter tensors that are not finite."""
+    bad = [f"{n}.{f}" for n, m in strategy.modules.items() for f in ("lora_A", "lora_B", "weight")
+           if not torch.isfinite(getattr(m, f)).all()]
+    if bad:
+        raise FloatingPointError(f"{when}, {bad[:3]}{' and more' if len(bad) > 3 else ''} hold NaN or inf")

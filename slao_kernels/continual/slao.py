@@ -339,9 +339,13 @@ class SLAO:
                     "out": m.out_features, "dtype": str(m.lora_A.dtype).replace("torch.", "")}
                 for n, m in self.modules.items()}
 
-    def save(self, directory: str) -> str:
+    def save(self, directory: str, metadata: dict | None = None) -> str:
         """Checkpoint the adapter and the controller state between tasks (crash-safe,
         see :mod:`slao_kernels.io`). Returns the path of ``slao.json``.
+
+        ``metadata``: a JSON object of the caller's (a training loop's step count, a
+        runner's record of the finished tasks), stored in ``slao.json`` under
+        ``"metadata"``, covered by its checksum, and committed with the tensors.
 
         The checkpoint holds full tensors whatever the sharding. In a distributed
         run every rank must call it (sharded tensors are gathered); rank 0 writes,
@@ -362,6 +366,8 @@ class SLAO:
                 tensors[f"{n}.buffer_A"] = gather(self._a_other[n])
         meta = {"library_version": __version__, "task_index": self.task_index,
                 "slao": {"lam": self.lam, "init": self.init, "merge": self.merge}, "layers": self._layer_meta()}
+        if metadata is not None:
+            meta["metadata"] = metadata
         # on every rank (all hold the full tensors), before rank 0 writes: all raise alike, none waits forever
         validate_slao_meta(meta, tensors, where="SLAO.save")  # never write a checkpoint load() would refuse
         refuse_non_finite(tensors, "SLAO.save")

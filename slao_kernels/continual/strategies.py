@@ -8,7 +8,9 @@ A strategy owns what happens to the adapters around each task's training:
 * ``end_task(task)`` — merge / freeze / consolidate; afterwards the model is
   what gets evaluated;
 * ``state_bytes()`` — adapter memory held, reported per task;
-* ``save(dir)`` / ``load(dir)`` — a checkpoint of its state between tasks.
+* ``abort_task()`` — undo the task in progress (where the strategy can: SLAO);
+* ``save(dir, metadata)`` / ``load(dir)`` — a checkpoint of its state between tasks
+  (``metadata``: the caller's JSON record, stored in the checkpoint and covered by its checksum).
 
 * ``training_tasks(task, seen)`` — whose rows the task trains on (default:
   the task's own);
@@ -76,16 +78,32 @@ class Strategy:
         """Consolidate after training ``task``; returns facts for the report."""
         return {}
 
+    def abort_task(self) -> bool:
+        """Undo the task in progress, back to the state before :meth:`begin_task`.
+        Returns whether the strategy could (the base class cannot: resume from the
+        last checkpoint instead)."""
+        return False
+
     def state_bytes(self) -> int:
         """Bytes of adapter state held (adapters in the model plus any buffers)."""
         return sum(p.numel() * p.element_size() for p in self.parameters())
 
-    def save(self, directory: str) -> None:
-        """Checkpoint the adapter state (crash-safe)."""
+    def save(self, directory: str, metadata: dict | None = None) -> None:
+        """Checkpoint the adapter state (crash-safe); ``metadata`` (JSON) is stored with it."""
         from slao_kernels.io import save_checkpoint
 
-        tensors = {f"{n}.{f}": getattr(m, f) for n, m in self.modules.items() for f in ("lora_A", "lora_B")}
-        save_checkpoint(directory, tensors, {"strategy": self.name})
+        meta = {"strategy": self.name, **self._state_meta()}
+        if metadata is not None:
+            meta["metadata"] = metadata
+        save_checkpoint(directory, self._state_tensors(), meta)
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors of a checkpoint; subclasses add their own."""
+        return {f"{n}.{f}": getattr(m, f) for n, m in self.modules.items() for f in ("lora_A", "lora_B")}
+
+    def _state_meta(self) -> dict:
+        """The JSON state of a checkpoint besides the tensors; subclasses add their own."""
+        return {}
 
     def load(self, directory: str) -> None:
         """Restore the state written by :meth:`save` (verified before the model is touched)."""
@@ -131,11 +149,15 @@ class SLAOStrategy(Strategy):
     def end_task(self, task: Task) -> dict:
         return {"lambda": self.slao.end_task()}
 
+    def abort_task(self) -> bool:
+        self.slao.abort_task()
+        return True
+
     def state_bytes(self) -> int:
         return self.slao.state_bytes()
 
-    def save(self, directory: str) -> None:
-        self.slao.save(directory)
+    def save(self, directory: str, metadata: dict | None = None) -> None:
+        self.slao.save(directory, metadata=metadata)
 
     def load(self, directory: str) -> None:
         loaded = SLAO.load(self.model, directory)
@@ -173,12 +195,12 @@ class IncLoRA(Strategy):
         frozen = sum(t.numel() * t.element_size() for m in self.modules.values() for t in (m.frozen_A, m.frozen_B))
         return super().state_bytes() + frozen
 
-    def save(self, directory: str) -> None:
-        from slao_kernels.io import save_checkpoint
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        frozen = {f"{n}.{f}": getattr(m, f) for n, m in self.modules.items() for f in ("frozen_A", "frozen_B")}
+        return {**super()._state_tensors(), **frozen}
 
-        tensors = {f"{n}.{f}": getattr(m, f) for n, m in self.modules.items()
-                   for f in ("lora_A", "lora_B", "frozen_A", "frozen_B")}
-        save_checkpoint(directory, tensors, {"strategy": self.name, "tasks_begun": self.tasks_begun})
+    def _state_meta(self) -> dict:
+        return {"tasks_begun": self.tasks_begun}
 
     def _restore(self, directory: str, meta: dict, tensors: dict) -> None:
         super()._restore(directory, meta, tensors)
@@ -280,11 +302,11 @@ class _MergedInit(Strategy):
     def config(self) -> dict:
         return {"grad_batches": self.grad_batches, "max_gradient_bytes": self.max_gradient_bytes}
 
-    def save(self, directory: str) -> None:  # the base weights change: they are part of the state
-        from slao_kernels.io import save_checkpoint
+    def _state_tensors(self) -> dict[str, torch.Tensor]:  # the base weights change: they are part of the state
+        return {**super()._state_tensors(), **{f"{n}.weight": m.weight for n, m in self.modules.items()}}
 
-        tensors = {f"{n}.{f}": getattr(m, f) for n, m in self.modules.items() for f in ("lora_A", "lora_B", "weight")}
-        save_checkpoint(directory, tensors, {"strategy": self.name, "tasks_begun": self.tasks_begun})
+    def _state_meta(self) -> dict:
+        return {"tasks_begun": self.tasks_begun}
 
     def _restore(self, directory: str, meta: dict, tensors: dict) -> None:
         super()._restore(directory, meta, tensors)
@@ -383,14 +405,10 @@ class SLICE(_MergedInit):
     def config(self) -> dict:
         return {**super().config(), "c": self.c, "scope": self.scope, "buffer_per_task": self.buffer_per_task}
 
-    def save(self, directory: str) -> None:
-        from slao_kernels.io import save_checkpoint
-
-        tensors = {f"{n}.{f}": getattr(m, f) for n, m in self.modules.items() for f in ("lora_A", "lora_B", "weight")}
+    def _state_meta(self) -> dict:
         index = {t.name: {id(r): i for i, r in enumerate(t.train)} for t in {t for t, _ in self.buffer}}
         buffer = [[t.name, index[t.name][id(r)]] for t, r in self.buffer]  # rows by position, not copies
-        save_checkpoint(directory, tensors, {"strategy": self.name, "tasks_begun": self.tasks_begun,
-                                             "buffer": buffer})
+        return {**super()._state_meta(), "buffer": buffer}
 
     def _restore(self, directory: str, meta: dict, tensors: dict) -> None:
         by_name = {t.name: t for t in self.tasks}
