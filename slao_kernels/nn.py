@@ -34,13 +34,20 @@ class LoRALinear(nn.Module):
     Args:
         base: the linear layer to adapt. Its weight and bias are frozen and
             shared, not copied.
-        rank: adapter rank ``r``, ``1 ≤ r ≤ min(in_features, out_features)``.
-        alpha: LoRA alpha; ``scaling = alpha / r`` (``alpha / √r`` with ``rslora``).
+        rank: adapter rank ``r``, an int, ``1 ≤ r ≤ min(in_features, out_features)``.
+        alpha: LoRA alpha, a finite real number; ``scaling = alpha / r`` (``alpha / √r``
+            with ``rslora``), which must be representable in the adapter's and the base
+            weight's dtype.
         dropout: dropout probability on the adapter's input. With ``dropout > 0``
             in training mode the adapter path runs composed from torch ops (the
             base product must see the undropped input, the fused op sees one x).
-        rslora: rank-stabilized scaling.
-        dtype: adapter dtype; default :func:`default_lora_dtype` of the base.
+        rslora: rank-stabilized scaling (a bool).
+        dtype: adapter dtype (float32, bfloat16, float16, float64); default
+            :func:`default_lora_dtype` of the base.
+
+    Every argument is checked (:meth:`check_args`) before the base is touched: a
+    refused construction raises ``TypeError``/``ValueError`` naming the argument and
+    leaves ``base`` exactly as it was.
 
     ``lora_A`` (r×in) starts Kaiming-uniform and ``lora_B`` (out×r) at zero, so a
     new adapter leaves the output unchanged.
@@ -116,7 +123,8 @@ class LoRALinear(nn.Module):
         if bias is not None and (not isinstance(bias, nn.Parameter) or bias.dtype not in FLOAT_DTYPES
                                  or tuple(bias.shape) != (base.out_features,)):
             raise ValueError(f"{where}: the base bias must be None or a floating ({base.out_features},) "
-                             f"nn.Parameter, got {type(bias).__name__} {bias.dtype} {tuple(bias.shape)}")
+                             f"nn.Parameter, got {type(bias).__name__} {getattr(bias, 'dtype', '')} "
+                             f"{tuple(getattr(bias, 'shape', ()))}")
         if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
             raise TypeError(f"{where}: rank must be an int, got {rank!r} ({type(rank).__name__})")
         rank = int(rank)
@@ -186,7 +194,11 @@ class LoRALinear(nn.Module):
             ValueError: the result is not finite (a non-finite adapter, or a sum that overflows
                 the weight's dtype): writing it would destroy the base weight for good.
         """
-        folded = (self.weight.to(torch.float32) + sign * self.delta_weight()).to(self.weight.dtype)
+        if sign not in (1, -1):
+            raise ValueError(f"LoRALinear.folded_weight: sign must be +1 or -1, got {sign!r}")
+        delta = self.delta_weight()
+        dt = torch.promote_types(self.weight.dtype, delta.dtype)  # fp32 or wider: an fp64 W keeps its precision
+        folded = (self.weight.to(dt) + sign * delta).to(self.weight.dtype)
         if not bool(torch.isfinite(folded).all()):
             raise ValueError(f"LoRALinear: W {'+' if sign > 0 else '-'} s·B·A is not finite in {self.weight.dtype} "
                              "(a non-finite lora_A/lora_B, or a sum beyond the dtype's range); "

@@ -223,3 +223,16 @@ def test_merge_refuses_a_non_finite_result_and_keeps_the_weight():
     with pytest.raises(ValueError, match="not finite.*left unchanged"):
         m.merge()
     assert torch.equal(m.weight, w0) and not m.merged
+
+
+def test_merge_keeps_an_fp64_weight_in_fp64():
+    """The fold W + s·B·A runs in the wider of the weight's and fp32 (it used to round an fp64 W to fp32)."""
+    m = LoRALinear(nn.Linear(16, 12).double(), rank=2, alpha=4)
+    with torch.no_grad():
+        m.lora_B.normal_()
+    w0 = m.weight.detach().clone()
+    m.merge()
+    # fp64: entries of size ~1 carry ~1e-16 rounding; fp32 rounding of W would leave ~6e-8
+    torch.testing.assert_close(m.weight, w0 + m.scaling * m.lora_B @ m.lora_A, rtol=0, atol=1e-12)
+    m.unmerge()
+    torch.testing.assert_close(m.weight, w0, rtol=0, atol=1e-12)
