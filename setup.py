@@ -73,7 +73,9 @@ setup(
     extras_require={
         # matplotlib draws the run's two plots (heatmap, accuracy over time); the run works without it
         "hf": ["transformers>=4.56", "safetensors", "datasets", "gguf", "accelerate", "matplotlib"],
-        "test": ["pytest", "transformers>=4.56", "safetensors", "datasets", "gguf", "accelerate", "matplotlib"],
+        # peft: the interop tests load our adapters in the real package; hypothesis: property-based tests
+        "test": ["pytest", "transformers>=4.56", "safetensors", "datasets", "gguf", "accelerate", "matplotlib",
+                 "peft", "hypothesis"],
         "bench": ["pytest", "pytest-benchmark"],
     },
     entry_points={"console_scripts": ["slao=slao_kernels.cli:main"]},

@@ -2,8 +2,10 @@
 and PEFT-format adapters (round trip, PEFT's documented layout, mismatch)."""
 
 import copy
+import hashlib
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -183,3 +185,410 @@ def test_peft_mismatch_is_refused_and_model_untouched(tmp_path):
         load_peft_adapter(other, str(tmp_path))
     with pytest.raises(ValueError, match="no LoRA adapters"):
         save_peft_adapter(tiny_model(), str(tmp_path))
+
+
+# --------------------------------------------------------------------------- issue 12: validate, then change
+
+Q0 = "model.layers.0.self_attn.q_proj"
+
+
+def canonical_digest(meta):
+    """meta_sha256 as documented: SHA-256 of the sorted, compact, ASCII JSON of the other fields."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()).hexdigest()
+
+
+def edit_meta(ckpt, edit, resign=True):
+    """Rewrite ckpt/slao.json as ``edit(meta)`` returns it; re-signed, so the field checks are what is tested."""
+    path = ckpt / "slao.json"
+    meta = edit(json.loads(path.read_text()))
+    if resign and isinstance(meta, dict):
+        meta["meta_sha256"] = canonical_digest(meta)
+    path.write_text(json.dumps(meta))
+
+
+def put(keys, value):
+    def edit(meta):
+        d = meta
+        for k in keys[:-1]:
+            d = d[k]
+        d[keys[-1]] = value
+        return meta
+    return edit
+
+
+def drop(keys):
+    def edit(meta):
+        d = meta
+        for k in keys[:-1]:
+            d = d[k]
+        del d[keys[-1]]
+        return meta
+    return edit
+
+
+def tree(root):
+    """{relative path: bytes} of every file under root (hidden ones included)."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            out[os.path.relpath(p, root)] = open(p, "rb").read()
+    return out
+
+
+def saved_slao(path, tasks=(1, 2), merge="B"):
+    slao = SLAO(patched_model(), merge=merge)
+    run_tasks(slao, tasks)
+    slao.save(str(path))
+    return slao
+
+
+def rewrite_tensors(ckpt, change):
+    """Replace the checkpoint's tensor file by ``change(tensors)``, with matching name, sha256,
+    listing and meta_sha256: a checkpoint whose checksums are all valid."""
+    from safetensors.torch import load_file, save
+
+    meta = json.loads((ckpt / "slao.json").read_text())
+    tensors = change(load_file(str(ckpt / meta["tensor_file"])))
+    data = save(tensors)
+    digest = hashlib.sha256(data).hexdigest()
+    os.unlink(ckpt / meta["tensor_file"])
+    meta["tensor_file"] = f"tensors-{digest[:16]}.safetensors"
+    (ckpt / meta["tensor_file"]).write_bytes(data)
+    meta["sha256"] = digest
+    meta["tensors"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+                       for k, v in tensors.items()}
+    meta["meta_sha256"] = canonical_digest(meta)
+    (ckpt / "slao.json").write_text(json.dumps(meta))
+
+
+MALFORMED = [
+    ("json-list", lambda m: [], "expected a JSON object"),
+    ("json-string", lambda m: "slao", "expected a JSON object"),
+    ("task_index-str", put(["task_index"], "abc"), "'task_index'"),
+    ("task_index-negative", put(["task_index"], -1), "'task_index'"),
+    ("task_index-fractional", put(["task_index"], 1.5), "'task_index'"),
+    ("task_index-bool", put(["task_index"], True), "'task_index'"),
+    ("task_index-missing", drop(["task_index"]), "task_index"),
+    ("slao-str", put(["slao"], "B"), "'slao'"),
+    ("slao-missing-key", drop(["slao", "merge"]), "'slao'"),
+    ("lam-unknown", put(["slao", "lam"], "bogus"), "'slao.lam'"),
+    ("lam-zero", put(["slao", "lam"], 0), "'slao.lam'"),
+    ("lam-above-1", put(["slao", "lam"], 1.5), "'slao.lam'"),
+    ("lam-bool", put(["slao", "lam"], True), "'slao.lam'"),
+    ("init-unknown", put(["slao", "init"], "bogus"), "'slao.init'"),
+    ("merge-unknown", put(["slao", "merge"], "C"), "'slao.merge'"),
+    ("merge-list", put(["slao", "merge"], ["B"]), "'slao.merge'"),
+    ("layers-list", put(["layers"], []), "'layers'"),
+    ("layers-empty", put(["layers"], {}), "'layers'"),
+    ("layer-str", put(["layers", Q0], "q"), Q0),
+    ("layer-rank-missing", drop(["layers", Q0, "rank"]), Q0),
+    ("layer-rank-str", put(["layers", Q0, "rank"], "4"), "rank must be an integer"),
+    ("layer-rank-0", put(["layers", Q0, "rank"], 0), "rank must be an integer"),
+    ("layer-rank-other", put(["layers", Q0, "rank"], 2), f"tensor {Q0}.lora_A must be \\[2, 64\\]"),
+    ("layer-alpha-str", put(["layers", Q0, "alpha"], "16"), "alpha must be a finite number"),
+    ("layer-rslora-str", put(["layers", Q0, "rslora"], "no"), "rslora must be true or false"),
+    ("layer-dtype", put(["layers", Q0, "dtype"], "int8"), "dtype must be one of"),
+    ("version-missing", drop(["library_version"]), "missing \\['library_version'\\]"),
+    ("version-int", put(["library_version"], 1), "'library_version'"),
+    ("unknown-field", put(["extra"], 1), "unknown \\['extra'\\]"),
+    ("strategy-checkpoint", put(["strategy"], "seqlora"), "strategy 'seqlora'"),
+    ("merge-AB-lacks-buffer_A", put(["slao", "merge"], "AB"), "missing \\['model.*buffer_A"),
+    ("task-0-has-no-buffers", put(["task_index"], 0), "unexpected \\['model.*buffer_B"),
+    ("tensor_file-outside", put(["tensor_file"], "../other/x.safetensors"), "'tensor_file'"),
+    ("tensor_file-int", put(["tensor_file"], 3), "'tensor_file'"),
+    ("sha256-not-hex", put(["sha256"], "zz"), "'sha256'"),
+    ("tensors-str", put(["tensors"], "x"), "'tensors'"),
+    ("tensor-spec-shape-str", put(["tensors", f"{Q0}.lora_A", "shape"], "4x64"), f"tensors\\['{Q0}.lora_A'\\]"),
+    ("format-unknown", put(["format"], "slao_kernels.slao/9"), "found format"),
+]
+
+
+@pytest.mark.parametrize("edit,match", [c[1:] for c in MALFORMED], ids=[c[0] for c in MALFORMED])
+def test_malformed_metadata_is_refused_naming_the_field_and_model_untouched(tmp_path, edit, match):
+    saved_slao(tmp_path)
+    edit_meta(tmp_path, edit)
+    target = patched_model()
+    snap = snapshot(target)
+    with pytest.raises(ValueError, match=match):  # never KeyError/TypeError/AttributeError
+        SLAO.load(target, str(tmp_path))
+    assert unchanged(target, snap)
+
+
+def test_hand_edited_json_is_refused_as_corrupted(tmp_path):
+    saved_slao(tmp_path)
+    edit_meta(tmp_path, put(["task_index"], 5), resign=False)
+    target = patched_model()
+    snap = snapshot(target)
+    with pytest.raises(ValueError, match="corrupted or was edited: field 'meta_sha256'"):
+        SLAO.load(target, str(tmp_path))
+    assert unchanged(target, snap)
+
+
+def test_tensor_file_must_lie_inside_the_checkpoint_directory(tmp_path):
+    ckpt, other = tmp_path / "ckpt", tmp_path / "other"
+    saved_slao(ckpt)
+    other.mkdir()
+    name = json.loads((ckpt / "slao.json").read_text())["tensor_file"]
+    os.replace(ckpt / name, other / name)  # a valid tensor file, but outside
+    target = patched_model()
+    snap = snapshot(target)
+    edit_meta(ckpt, put(["tensor_file"], f"../other/{name}"))
+    with pytest.raises(ValueError, match="field 'tensor_file' must be a plain file name"):
+        SLAO.load(target, str(ckpt))
+    edit_meta(ckpt, put(["tensor_file"], name))
+    os.symlink(other / name, ckpt / name)  # the right name, but a link out of the directory
+    with pytest.raises(ValueError, match="outside the checkpoint directory"):
+        SLAO.load(target, str(ckpt))
+    assert unchanged(target, snap)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_checkpoint_tensors_are_refused_on_load(tmp_path, value):
+    saved_slao(tmp_path)
+
+    def poison(tensors):
+        tensors[f"{Q0}.buffer_B"][0, 0] = value
+        return tensors
+
+    rewrite_tensors(tmp_path, poison)
+    target = patched_model()
+    snap = snapshot(target)
+    with pytest.raises(ValueError, match=f"\\['{Q0}.buffer_B'\\] hold NaN or infinity; nothing was loaded"):
+        SLAO.load(target, str(tmp_path))
+    assert unchanged(target, snap)
+
+
+def test_a_missing_buffer_is_refused_even_when_the_checksums_match(tmp_path):
+    saved_slao(tmp_path)
+    rewrite_tensors(tmp_path, lambda t: {k: v for k, v in t.items() if k != f"{Q0}.buffer_B"})
+    target = patched_model()
+    snap = snapshot(target)
+    with pytest.raises(ValueError, match=f"missing \\['{Q0}.buffer_B'\\]"):
+        SLAO.load(target, str(tmp_path))
+    assert unchanged(target, snap)
+
+
+def test_checkpoint_format_1_still_loads(tmp_path):
+    slao = saved_slao(tmp_path, merge="AB")
+    edit_meta(tmp_path, lambda m: {**{k: v for k, v in m.items() if k != "meta_sha256"},
+                                   "format": "slao_kernels.slao/1"}, resign=False)
+    target = patched_model()
+    loaded = SLAO.load(target, str(tmp_path))
+    assert (loaded.task_index, loaded.merge) == (2, "AB")
+    for n, m in lora_modules(target).items():
+        assert torch.equal(m.lora_A, slao.modules[n].lora_A) and torch.equal(m.lora_B, slao.modules[n].lora_B)
+        assert torch.equal(loaded._b_other[n], slao._b_other[n]) and torch.equal(loaded._a_other[n], slao._a_other[n])
+
+
+def test_slao_save_refuses_non_finite_tensors_and_writes_nothing(tmp_path):
+    slao = saved_slao(tmp_path, tasks=[1])
+    before = tree(tmp_path)
+    run_tasks(slao, [2])
+    with torch.no_grad():
+        slao.modules[Q0].lora_A[1, 2] = float("nan")  # after end_task: only save() can catch it now
+    with pytest.raises(ValueError, match=f"SLAO.save: expected finite tensors, but \\['{Q0}.lora_A'\\]"):
+        slao.save(str(tmp_path))
+    assert tree(tmp_path) == before
+    with pytest.raises(ValueError, match="hold NaN or infinity"):
+        slao.save(str(tmp_path / "fresh"))
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_strategy_checkpoints_refuse_non_finite_tensors(tmp_path):
+    from slao_kernels.continual.strategies import SeqLoRA
+    from slao_kernels.io import save_checkpoint
+
+    with pytest.raises(ValueError, match=r"save_checkpoint: expected finite tensors, but \['w'\]"):
+        save_checkpoint(str(tmp_path / "a"), {"v": torch.ones(2), "w": torch.tensor([1.0, float("-inf")])},
+                        {"strategy": "x"})
+    strategy = SeqLoRA(patched_model())
+    with torch.no_grad():
+        strategy.modules[Q0].lora_B.fill_(float("inf"))
+    with pytest.raises(ValueError, match=f"\\['{Q0}.lora_B'\\] hold NaN or infinity"):
+        strategy.save(str(tmp_path / "b"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with torch.no_grad():
+        strategy.modules[Q0].lora_B.zero_()
+    strategy.save(str(tmp_path / "b"))  # the other strategies' checkpoints still round-trip
+    fresh = SeqLoRA(patched_model())
+    fresh.load(str(tmp_path / "b"))
+    assert torch.equal(fresh.modules[Q0].lora_A, strategy.modules[Q0].lora_A)
+
+
+def test_checkpoint_save_removes_leftovers_of_a_killed_write(tmp_path):
+    slao = saved_slao(tmp_path, tasks=[1])
+    (tmp_path / ".tmp-k1ll3d").write_bytes(b"\0" * (1 << 20))  # what mkstemp's file looks like after a SIGKILL
+    (tmp_path / ".tmp-k1ll3d.d").mkdir()
+    run_tasks(slao, [2])
+    slao.save(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["slao.json", json.loads((tmp_path / "slao.json").read_text())["tensor_file"]]
+
+
+def test_save_checkpoint_validates_its_arguments_before_writing(tmp_path):
+    from slao_kernels.io import save_checkpoint
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        save_checkpoint(str(tmp_path / "file"), {"w": torch.ones(1)}, {})
+    with pytest.raises(ValueError, match=r"must not set \['format'\]"):
+        save_checkpoint(str(tmp_path / "d"), {"w": torch.ones(1)}, {"format": "mine"})
+    with pytest.raises(ValueError, match="meta must be plain JSON"):
+        save_checkpoint(str(tmp_path / "d"), {"w": torch.ones(1)}, {"x": float("nan")})
+    with pytest.raises(TypeError, match=r"tensors\['w'\] must be a torch.Tensor"):
+        save_checkpoint(str(tmp_path / "d"), {"w": [1.0]}, {})
+    assert (tmp_path / "file").read_text() == "x" and not (tmp_path / "d").exists()
+
+
+# --------------------------------------------------------------------------- PEFT saves: old or new, never a mix
+
+
+def peft_pair(seed_old=1, seed_new=2):
+    """Two adapters of one shape that differ in weights and in alpha (so a torn save is visible)."""
+    old, new = tiny_model(), tiny_model()
+    patch_llama(old, LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj")))
+    patch_llama(new, LoRAConfig(rank=4, alpha=32.0, targets=("q_proj", "v_proj")))
+    for model, seed in ((old, seed_old), (new, seed_new)):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for m in lora_modules(model).values():
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g))
+    return old, new
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_at(monkeypatch, step, kill):
+    """Raise Crash at the ``step``-th file-system step of a save (0-based); with ``kill``, the
+    process 'dies' there: no cleanup runs (io._discard does nothing). Returns the step counter."""
+    import slao_kernels.io as sio
+
+    count = [0]
+
+    def hook(real):
+        def f(*args, **kwargs):
+            count[0] += 1
+            if count[0] - 1 == step:
+                raise Crash(f"step {step}")
+            return real(*args, **kwargs)
+        return f
+
+    for mod, name in ((os, "replace"), (os, "rename"), (os, "link"), (os, "mkdir"), (sio, "_write_file"),
+                      (sio, "_exchange"), (sio, "_fsync_dir")):
+        real = getattr(mod, name, None)
+        if real is not None:
+            monkeypatch.setattr(mod, name, hook(real))
+    if kill:
+        monkeypatch.setattr(sio, "_discard", lambda path: None, raising=False)
+    return count
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+@pytest.mark.parametrize("kill", [False, True], ids=["exception", "killed"])
+def test_peft_save_crashing_at_every_step_leaves_the_old_or_the_new_adapter(tmp_path, monkeypatch, kill, exchange):
+    import slao_kernels.io as sio
+
+    old, new = peft_pair()
+    ref = tmp_path / "ref"
+    save_peft_adapter(new, str(ref))
+    adapter = tmp_path / "runs" / "adapter"
+    outcomes = []
+    for step in range(50):
+        shutil.rmtree(tmp_path / "runs", ignore_errors=True)
+        save_peft_adapter(old, str(adapter))
+        (adapter / "README.md").write_text("mine")  # a file of the user's: kept by every save
+        old_files, new_files = tree(adapter), {**tree(ref), "README.md": b"mine"}
+        with monkeypatch.context() as m:
+            if not exchange:
+                m.setattr(sio, "_exchange", lambda a, b: False)
+            count = crash_at(m, step, kill)
+            try:
+                save_peft_adapter(new, str(adapter))
+                finished = True
+            except Crash:
+                finished = False
+        now = tree(adapter) if adapter.is_dir() else None
+        if now is None:  # only between the two renames of the fallback, and only when killed
+            assert not exchange and kill, f"step {step}: the adapter directory vanished"
+            aside = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith(".tmp-adapter.old-")]
+            assert len(aside) == 1 and tree(aside[0]) == old_files, f"step {step}: the old adapter is lost"
+        else:
+            assert now in (old_files, new_files), f"step {step}: a mix of the old and the new adapter: {sorted(now)}"
+            if not finished:
+                outcomes.append("new" if now == new_files else "old")
+        if not kill:  # an exception cleans up after itself
+            assert not [p for p in (tmp_path / "runs").iterdir() if p.name.startswith(".tmp-")], f"step {step}"
+        save_peft_adapter(new, str(adapter))  # the next save completes and removes every leftover
+        assert tree(adapter) == new_files and os.listdir(tmp_path / "runs") == ["adapter"], f"step {step}"
+        if finished:
+            break
+    assert finished and count[0] >= 4, "the save never got past the crash points"
+    assert "old" in outcomes and "new" in outcomes  # crashes before the commit point and after it were both hit
+
+
+def test_peft_save_onto_a_file_is_refused_before_writing(tmp_path):
+    old, _ = peft_pair()
+    target = tmp_path / "adapter"
+    target.write_text("not a directory")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        save_peft_adapter(old, str(target))
+    assert target.read_text() == "not a directory" and os.listdir(tmp_path) == ["adapter"]
+
+
+def test_peft_save_removes_leftovers_of_killed_saves(tmp_path):
+    old, new = peft_pair()
+    adapter = tmp_path / "adapter"
+    save_peft_adapter(old, str(adapter))
+    (adapter / ".tmp-x8y7z6").write_bytes(b"\0" * (1 << 20))  # a killed per-file write of an earlier version
+    (tmp_path / ".tmp-adapter.new-0123abcd").mkdir()  # a killed directory save
+    (tmp_path / ".tmp-adapter.new-0123abcd" / "adapter_model.safetensors").write_bytes(b"\0" * 1000)
+    (tmp_path / ".tmp-other.new-0123abcd").mkdir()  # another directory's: not ours to remove
+    save_peft_adapter(new, str(adapter))
+    assert sorted(os.listdir(tmp_path)) == [".tmp-other.new-0123abcd", "adapter"]
+    assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads((adapter / "adapter_config.json").read_text())["lora_alpha"] == 32.0
+
+
+def test_peft_save_refuses_non_finite_factors_and_writes_nothing(tmp_path):
+    old, new = peft_pair()
+    adapter = tmp_path / "adapter"
+    save_peft_adapter(old, str(adapter))
+    before = tree(adapter)
+    with torch.no_grad():
+        new.get_submodule("model.layers.1.self_attn.v_proj").lora_A[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"save_peft_adapter: expected finite tensors, but "
+                                         r"\['base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight'\]"):
+        save_peft_adapter(new, str(adapter))
+    assert tree(adapter) == before and os.listdir(tmp_path) == ["adapter"]
+
+
+def test_peft_save_through_a_symlink_replaces_its_target(tmp_path):
+    old, new = peft_pair()
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    save_peft_adapter(old, str(tmp_path / "link"))
+    save_peft_adapter(new, str(tmp_path / "link"))
+    assert os.path.islink(tmp_path / "link") and sorted(os.listdir(tmp_path)) == ["link", "real"]
+    assert json.loads((tmp_path / "real" / "adapter_config.json").read_text())["lora_alpha"] == 32.0
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda c: [], "must hold a JSON object"),
+    (lambda c: {**c, "r": "4"}, "field 'r'"),
+    (lambda c: {**c, "lora_alpha": None}, "field 'lora_alpha'"),
+    (lambda c: {**c, "use_rslora": "no"}, "field 'use_rslora'"),
+    (lambda c: {**c, "lora_dropout": 1.5}, "field 'lora_dropout'"),
+])
+def test_malformed_peft_config_is_refused_naming_the_field(tmp_path, edit, match):
+    old, _ = peft_pair()
+    save_peft_adapter(old, str(tmp_path))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps(edit(config)))
+    fresh = tiny_model()
+    snap = snapshot(fresh)
+    with pytest.raises(ValueError, match=match):
+        load_peft_adapter(fresh, str(tmp_path))
+    assert unchanged(fresh, snap) and not lora_modules(fresh)
