@@ -20,7 +20,10 @@ A, B = torch.randn(3, 12, requires_grad=True), torch.randn(7, 3, requires_grad=T
 y = slao_kernels.lora_linear(x, w, None, A, B, 0.5)
 torch.testing.assert_close(y, lora_linear_ref(x, w, None, A, B, 0.5)[0])
 y.sum().backward()
-assert A.grad is not None and B.grad is not None
+# d(sum y)/dA = 0.5·Bᵀ·1·x and d/dB = 0.5·1ᵀ·(x·Aᵀ), written out
+ones = torch.ones(5, 7)
+torch.testing.assert_close(A.grad, 0.5 * B.detach().t() @ ones.t() @ x)
+torch.testing.assert_close(B.grad, 0.5 * ones.t() @ (x @ A.detach().t()))
 print("FALLBACK-OK")
 """
 

@@ -156,17 +156,28 @@ def test_new_optimizer_per_task_pattern():
     params_ids = None
     for i in range(1, 4):
         slao.begin_task()
-        opt = torch.optim.AdamW(list(slao.parameters()), lr=1e-2)
-        assert not opt.state  # nothing carried over from the previous task
+        opt = torch.optim.AdamW(list(slao.parameters()), lr=1e-2, weight_decay=0.0)
         ids_now = [id(p) for p in slao.parameters()]
         assert params_ids is None or ids_now == params_ids
         params_ids = ids_now
         model.train()
-        for _ in range(2):
+        for step in range(2):
+            before = [p.detach().clone() for p in slao.parameters()]
             loss = model(ids, labels=ids).loss
             opt.zero_grad()
             loss.backward()
+            grads = [p.grad.clone() for p in slao.parameters()]
             opt.step()
+            if step == 0:
+                # a fresh Adam's first step is lr·g/(|g| + eps) per entry: exactly ±lr wherever |g| ≫ eps.
+                # Moments carried over from an earlier task would give other step sizes.
+                checked = 0
+                for p, p0, g in zip(slao.parameters(), before, grads):
+                    big = g.abs() > 1e-4  # (on task 1, B = 0 gives A no gradient at all)
+                    checked += int(big.sum())
+                    torch.testing.assert_close((p0 - p.detach())[big], 1e-2 * torch.sign(g[big]),
+                                               rtol=1e-3, atol=0)
+                assert checked > 100
         slao.end_task()
     assert slao.task_index == 3
 

@@ -73,7 +73,13 @@ def test_inclora_keeps_earlier_adapters_frozen(tokenizer):
     assert torch.equal(m.frozen_A, trained[0]) and torch.equal(m.frozen_B, trained[1])
     assert all(p is not m.frozen_A for p in s.parameters()) and not m.lora_B.any()
     m(x).sum().backward()
-    assert m.lora_A.grad is not None and m.frozen_A.grad is None
+    assert m.frozen_A.grad is None and not m.frozen_A.requires_grad
+    # the trainable adapter's gradients, written out: y = ... + s·(x·Aᵀ)·Bᵀ with B = 0 gives
+    # dA = s·Bᵀ·1·x = 0 and dB = s·1ᵀ·(x·Aᵀ)
+    ones = torch.ones(3, m.out_features)
+    torch.testing.assert_close(m.lora_A.grad, torch.zeros_like(m.lora_A))
+    torch.testing.assert_close(m.lora_B.grad, m.scaling * ones.t() @ (x @ m.lora_A.detach().t()),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_olora_penalty_against_a_direct_computation(tokenizer):
@@ -94,7 +100,10 @@ def test_olora_penalty_against_a_direct_computation(tokenizer):
                                rtol=1e-5, atol=0)
     penalty = orthogonality_penalty(list(s.modules.values()))
     penalty.backward()
-    assert all(m.lora_A.grad is not None for m in s.modules.values())
+    for m in s.modules.values():  # d/dA_new Σ |A_old·A_newᵀ| = sign(A_old·A_newᵀ)ᵀ·A_old, summed over old
+        A_new = m.lora_A.detach()
+        want = sum(torch.sign(old @ A_new.t()).t() @ old for old in m.frozen_A.split(4))
+        torch.testing.assert_close(m.lora_A.grad, want, rtol=1e-5, atol=1e-6)
 
 
 def test_pcgrad_on_hand_made_gradients():
