@@ -84,10 +84,8 @@ class RunConfig:
     seed: int = 0
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["lora"]["dtype"] = None if self.lora.dtype is None else str(self.lora.dtype).replace("torch.", "")
-        d["lora"]["targets"] = list(self.lora.targets)
-        return d
+        """A JSON-safe dict (the report's ``config``); ``lora`` as :meth:`LoRAConfig.to_dict` writes it."""
+        return {**asdict(self), "lora": self.lora.to_dict()}
 
 
 def _eval_all(model, encoder, tasks, config: RunConfig, desc: str, progress: bool) -> list[float]:
