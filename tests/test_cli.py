@@ -278,6 +278,14 @@ def test_eval_and_export_refuse_strategies_whose_state_is_not_one_adapter(run_di
 # --------------------------------------------------------------------------- a run that stops early
 
 
+def _main_catching_interrupts(argv) -> int:
+    """``main(argv)``; a KeyboardInterrupt escaping it fails the test (instead of stopping pytest)."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt as e:
+        pytest.fail(f"{type(e).__name__} escaped slao's main(): {e}")
+
+
 def test_task_failed_exits_1_with_one_line(model_dir, tmp_path, capsys, monkeypatch):
     from slao_kernels.continual import runner
 
@@ -300,7 +308,7 @@ def test_run_interrupted_exits_130_with_exactly_one_line(task, line, model_dir, 
         raise runner.RunInterrupted(task, 2)
 
     monkeypatch.setattr(runner, "run_stream", interrupt)
-    assert main(["run", "--model", model_dir, "--out", str(tmp_path / "o"), *TINY_RUN]) == 130
+    assert _main_catching_interrupts(["run", "--model", model_dir, "--out", str(tmp_path / "o"), *TINY_RUN]) == 130
     assert capsys.readouterr().err == line
 
 
@@ -311,7 +319,7 @@ def test_ctrl_c_while_loading_the_model_exits_130_with_one_line(model_dir, tmp_p
         raise KeyboardInterrupt
 
     monkeypatch.setattr(models, "load_model", interrupt)
-    assert main(["run", "--model", model_dir, "--out", str(tmp_path / "o"), *TINY_RUN]) == 130
+    assert _main_catching_interrupts(["run", "--model", model_dir, "--out", str(tmp_path / "o"), *TINY_RUN]) == 130
     assert "interrupted before training started; nothing was written" in _one_error_line(capsys)
     assert not (tmp_path / "o").exists()
 
@@ -344,7 +352,7 @@ def test_ctrl_c_during_task_2_then_resume_reproduces_the_uninterrupted_run(model
 
     with monkeypatch.context() as patch:
         patch.setattr(runner, "train_task", train)
-        assert main(["run", "--model", model_dir, "--out", out, *TINY_RUN]) == 130
+        assert _main_catching_interrupts(["run", "--model", model_dir, "--out", out, *TINY_RUN]) == 130
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "continue with --resume" in err and "Traceback" not in err, err
     assert json.load(open(os.path.join(out, "report.json")))["status"] != "complete"
