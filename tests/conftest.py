@@ -92,5 +92,5 @@ def interrupted_at_task(task: int):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(runner, "train_task", train)
-        with pytest.raises(KeyboardInterrupt):
-            yield
+        with pytest.raises(KeyboardInterrupt) as interrupt:
+            yield interrupt  # after the block: .value is the exception run_stream raised

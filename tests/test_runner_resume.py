@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from conftest import interrupted_at_task, tiny_model, tiny_tokenizer
 from safetensors.torch import load_file
 
 from slao_kernels.continual import RunConfig, TrainConfig, generated_suite, run_stream
@@ -179,23 +179,14 @@ def test_a_non_finite_task_stops_the_run_and_resume_retries_it(how, tmp_path, to
     _assert_same_result(_result(tmp_path), uninterrupted)
 
 
-@pytest.mark.parametrize("task", [0, 2])
-def test_ctrl_c_names_the_task_it_interrupted(task, tmp_path, tokenizer, monkeypatch):
-    if task == 0:
-        monkeypatch.setattr(runner, "_eval_all", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-    else:
-        real, calls = runner.train_task, []
-
-        def train(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == task:
-                raise KeyboardInterrupt
-            return real(*args, **kwargs)
-        monkeypatch.setattr(runner, "train_task", train)
-    with pytest.raises(RunInterrupted) as stop:
+def test_ctrl_c_names_the_task_it_interrupted(tmp_path, tokenizer, monkeypatch):
+    with interrupted_at_task(2) as stop:
         run_stream(_model(tokenizer), tokenizer, TASKS, CONFIG, out=str(tmp_path), **QUIET)
-    assert (stop.value.task, stop.value.total) == (task, 3)
-    assert str(stop.value) == f"interrupted during task {task} of 3"
+    assert isinstance(stop.value, RunInterrupted) and (stop.value.task, stop.value.total) == (2, 3)
+    assert str(stop.value) == "interrupted during task 2 of 3"
+    monkeypatch.setattr(runner, "_eval_all", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(RunInterrupted, match="interrupted during task 0 of 3"):  # the zero-shot evaluation
+        run_stream(_model(tokenizer), tokenizer, TASKS, CONFIG, out=str(tmp_path / "zero"), **QUIET)
 
 
 def test_resume_refuses_a_report_without_its_checkpoint(tmp_path, tokenizer, monkeypatch):
