@@ -16,12 +16,24 @@
 // 224×16×4096 set takes 20 ms on this VM, a copy into existing memory 5 ms).
 //
 // CholeskyQR2 is exact to rounding for cond(A) up to ~u^(-1/2) (~3e3 in fp32)
-// and silently loses orthogonality beyond, so every result is checked,
-// max|QQᵀ − I| ≤ kOrthoTol and min diag(Q·Aᵀ) > n·eps·max (full numerical rank,
-// signs right); a failed Cholesky or check sends the matrix to
-// the stable path: Householder QR (LAPACK) in fp64, signs fixed. It also
-// completes a rank-deficient A with a deterministic orthonormal complement
-// (SLAO must go on) and reports which matrices were; Python warns.
+// and silently loses orthogonality beyond, so every result is checked:
+// max|QQᵀ − I| ≤ kOrthoTol, and min diag(Q·Aᵀ) > max(n·eps, √eps)·max_j ‖a_j‖
+// (every row of R clearly above what rounding can produce, signs right). A
+// row that depends on the others has a diagonal of pure rounding noise; its
+// direction is noise too and would differ from path to path, so the √eps
+// floor keeps such matrices off the fast path (a noise row passes the
+// orthogonality check with |diag| ≤ √r·kOrthoTol·‖a_j‖ ≪ √eps·‖a_j‖).
+// A failed Cholesky or check sends the matrix to the stable path (stable_rows):
+// Householder QR (LAPACK) in fp64 of a fresh copy of that one matrix, signs
+// fixed, rows at the fp64 noise level replaced by a deterministic completion.
+// It reports which matrices were numerically rank-deficient; Python warns.
+// fp64 input always takes the stable path: CholeskyQR's fp64 result is only
+// orthonormal to ~u·cond² after one pass, Householder's to ~u.
+//
+// Non-finite input is refused (ValueError naming the matrix) by a read-only
+// pass over all matrices before anything is computed or written.
+// The work runs below autograd on every thread (at::parallel_for's workers do
+// not inherit the caller's dispatch state): A may be an nn.Parameter.
 //
 // Schema and fake kernel: slao_kernels/_ops.py. Reference: slao_kernels/reference.py.
 
@@ -32,6 +44,7 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -91,13 +104,13 @@ bool near_identity(const std::vector<double>& G, int64_t r) {
   return true;
 }
 
-// min and max of diag(X·Aᵀ) = the row dot products ⟨x_j, a_j⟩, in SIMD lanes of
+// min of diag(X·Aᵀ) = the row dot products ⟨x_j, a_j⟩, in SIMD lanes of
 // scalar_t, summed in fp64 (r·n multiply-adds instead of the r²·n of a GEMM).
 template <typename scalar_t>
-std::pair<double, double> diag_range(const scalar_t* X, const scalar_t* A, int64_t r, int64_t n) {
+double diag_min(const scalar_t* X, const scalar_t* A, int64_t r, int64_t n) {
   using vec = typename Simd<scalar_t>::type;
   constexpr int64_t lanes = Simd<scalar_t>::lanes;
-  double lo = INFINITY, hi = 0.0;
+  double lo = INFINITY;
   for (int64_t j = 0; j < r; ++j) {
     const scalar_t* x = X + j * n;
     const scalar_t* a = A + j * n;
@@ -111,9 +124,8 @@ std::pair<double, double> diag_range(const scalar_t* X, const scalar_t* A, int64
     for (int64_t l = 0; l < lanes; ++l) d += static_cast<double>(acc0[l]) + static_cast<double>(acc1[l]);
     for (; k < n; ++k) d += static_cast<double>(x[k]) * static_cast<double>(a[k]);
     lo = std::min(lo, d);
-    hi = std::max(hi, std::abs(d));
   }
-  return {lo, hi};
+  return lo;
 }
 
 // One matrix into X: CholeskyQR passes from A (`src`, in the compute dtype:
@@ -124,9 +136,11 @@ std::pair<double, double> diag_range(const scalar_t* X, const scalar_t* A, int64
 // takes the second pass (CholeskyQR2), five GEMMs. False if it needs the stable
 // path. All buffers are the calling thread's.
 bool cholesky_qr(const Tensor& A, Tensor src, Tensor& X, Tensor& tmp, Tensor& small, std::vector<double>& G,
-                 std::vector<double>& Linv, double rank_tol) {
+                 std::vector<double>& Linv, double accept_tol) {
   const int64_t r = X.size(0), n = X.size(1);
   gram(src, small, G);
+  double row_norm2 = 0.0;  // max_j ‖a_j‖², the scale of the acceptance floor
+  for (int64_t j = 0; j < r; ++j) row_norm2 = std::max(row_norm2, G[j * r + j]);
   for (int pass = 0;; ++pass) {
     if (!cholesky_inplace(G.data(), r)) return false;
     invert_lower(G.data(), Linv.data(), r);
@@ -141,64 +155,140 @@ bool cholesky_qr(const Tensor& A, Tensor src, Tensor& X, Tensor& tmp, Tensor& sm
   }
   // diag(R) = diag(Q·Aᵀ), accurate to ~u·‖A‖ (the Gram squares the condition
   // number and cannot resolve it): all of it must be clearly positive, else the
-  // matrix is numerically rank-deficient, or its signs are noise.
+  // matrix is numerically rank-deficient, or its signs (or directions) are noise.
   if (A.scalar_type() != X.scalar_type() || !A.is_contiguous()) {
     tmp.copy_(A);  // the compute-dtype copy (pass 2 may have overwritten it)
   }
   const Tensor& a = A.scalar_type() == X.scalar_type() && A.is_contiguous() ? A : tmp;
-  double lo, hi;
+  double lo = 0.0;
   AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "orthonormalize_rows_diag", [&] {
-    std::tie(lo, hi) = diag_range(X.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), r, n);
+    lo = diag_min(X.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), r, n);
   });
-  return lo > rank_tol * hi;
+  return lo > accept_tol * std::sqrt(row_norm2);  // NaN fails too
 }
 
-// A: (k, r, n) → (sign-fixed Qᵀ in fp64, which matrices were rank-deficient:
-// |R_jj| ≤ rank_tol·max|R|).
-std::tuple<Tensor, Tensor> householder_rows(const Tensor& A, double rank_tol) {
-  auto [Q, R] = at::linalg_qr(A.to(at::kDouble).transpose(1, 2));  // (k, n, r), (k, r, r)
-  Tensor d = R.diagonal(0, -2, -1);
-  Tensor scale = R.abs().amax({1, 2}).clamp_min(1e-300).unsqueeze(1);
-  Tensor deficient = d.abs().le(rank_tol * scale).any(1);
-  Tensor signs = at::where(d < 0, -1.0, 1.0).to(Q.scalar_type());
-  return {(Q * signs.unsqueeze(1)).transpose(1, 2), deficient};
+// The stable path for one (r, n) matrix of any dtype: (sign-fixed Qᵀ in fp64,
+// rank-deficient: |R_jj| ≤ rank_tol·max|R| for some j). Householder QR of Aᵀ in
+// fp64 on a fresh copy (the same memory layout whichever path called it, so
+// every path gets the same bits). Row j whose |R_jj| ≤ n·eps64·max|R| (the fp64
+// rounding level: its direction would be noise) is replaced by the canonical
+// vector e_m with the largest residual against rows 0..j−1 (first m on ties),
+// scaled to max|R| (1 for a zero matrix), and the QR redone; so a zero matrix
+// gives the identity rows. The same sequence of ops as
+// slao_kernels.reference.orthonormalize_rows_ref.
+std::pair<Tensor, bool> stable_rows(const Tensor& A, double rank_tol) {
+  const int64_t r = A.size(0), n = A.size(1);
+  Tensor M = at::empty({r, n}, A.options().dtype(at::kDouble));
+  M.copy_(A);
+  auto [Q, R] = at::linalg_qr(M.t());  // (n, r), (r, r)
+  const double scale = R.abs().max().item<double>();
+  const bool deficient = R.diagonal().abs().le(rank_tol * std::max(scale, 1e-300)).any().item<bool>();
+  for (int64_t j0 = 0;;) {
+    const Tensor d = R.diagonal().abs().contiguous();
+    const double* dp = d.const_data_ptr<double>();
+    const double lim = static_cast<double>(n) * 2.220446049250313e-16 * R.abs().max().item<double>();
+    int64_t j = j0;
+    while (j < r && dp[j] > lim) ++j;
+    if (j == r) break;
+    const int64_t m = (1.0 - Q.narrow(1, 0, j).square().sum(1)).argmax().item<int64_t>();
+    M.select(0, j).zero_();
+    M.select(0, j).select(0, m).fill_(scale > 0.0 ? scale : 1.0);
+    std::tie(Q, R) = at::linalg_qr(M.t());
+    j0 = j + 1;
+  }
+  const Tensor signs = at::where(R.diagonal() < 0, -1.0, 1.0).to(at::kDouble);
+  return {(Q * signs).t(), deficient};
+}
+
+// Numerical rank at the precision we compute in (numpy's matrix_rank rule).
+double rank_tol_of(at::ScalarType acc, int64_t n) {
+  return static_cast<double>(n) * (acc == at::kDouble ? 2.220446049250313e-16 : 1.1920928955078125e-7);
+}
+
+// The fast path's acceptance floor (see the top): max(n·eps, √eps) of the compute dtype.
+double accept_tol_of(at::ScalarType acc, int64_t n) {
+  return std::max(rank_tol_of(acc, n), std::sqrt(acc == at::kDouble ? 2.220446049250313e-16 : 1.1920928955078125e-7));
+}
+
+// True when no element of p[0:n] is NaN or ±Inf.
+template <typename scalar_t>
+bool all_finite(const scalar_t* p, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+    using vec = typename Simd<scalar_t>::type;
+    constexpr int64_t lanes = Simd<scalar_t>::lanes;
+    vec acc = {};  // x·0 is 0 for finite x and NaN otherwise; the sum keeps a NaN
+    int64_t k = 0;
+    for (; k + lanes <= n; k += lanes) acc += load<vec>(p + k) * scalar_t(0);
+    scalar_t s = 0;
+    for (int64_t l = 0; l < lanes; ++l) s += acc[l];
+    for (; k < n; ++k) s += p[k] * scalar_t(0);
+    return s == scalar_t(0);
+  } else {  // bf16 / fp16: non-finite ⇔ every exponent bit set
+    const uint16_t exp = std::is_same_v<scalar_t, at::BFloat16> ? 0x7F80 : 0x7C00;
+    uint16_t bad = 0;
+    const auto* bits = reinterpret_cast<const uint16_t*>(p);
+    for (int64_t k = 0; k < n; ++k) bad |= static_cast<uint16_t>((bits[k] & exp) == exp);
+    return bad == 0;
+  }
+}
+
+// Index of the first matrix holding NaN or ±Inf, or -1 (every matrix contiguous).
+int64_t first_nonfinite(const std::vector<Tensor>& mats) {
+  const int64_t k = static_cast<int64_t>(mats.size());
+  std::vector<uint8_t> finite(k, 1);
+  at::parallel_for(0, k, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, mats[i].scalar_type(), "orthonormalize_rows_finite",
+                                      [&] { finite[i] = all_finite(mats[i].const_data_ptr<scalar_t>(), mats[i].numel()); });
+    }
+  });
+  for (int64_t i = 0; i < k; ++i) {
+    if (!finite[i]) return i;
+  }
+  return -1;
 }
 
 std::tuple<Tensor, Tensor> orthonormalize_rows_cpu(const Tensor& A) {
   TORCH_CHECK_VALUE(A.dim() == 3, "orthonormalize_rows: expected A of shape (batch, r, n), got ", A.sizes());
   const int64_t b = A.size(0), r = A.size(1), n = A.size(2);
   TORCH_CHECK_VALUE(r <= n, "orthonormalize_rows: rows must not outnumber columns (r=", r, ", n=", n, ")");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // internal GEMMs: A may require grad
   const auto acc = at::promote_types(A.scalar_type(), at::kFloat);
   const Tensor A_c = A.contiguous();
   Tensor Q = at::empty({b, r, n}, A.options().dtype(acc));
   Tensor deficient = at::zeros({b}, A.options().dtype(at::kBool));
   if (Q.numel() == 0) return {Q.to(A.scalar_type()), deficient};
-  // Numerical rank at the precision we compute in (numpy's matrix_rank rule).
-  const double rank_tol = static_cast<double>(n) * (acc == at::kDouble ? 2.220446049250313e-16 : 1.1920928955078125e-7);
-  std::vector<uint8_t> ok(b, 0);
-  at::parallel_for(0, b, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<double> G(r * r), Linv(r * r);
-    Tensor tmp = at::empty({r, n}, Q.options()), small = at::empty({r, r}, Q.options());
-    for (int64_t i = i0; i < i1; ++i) {
-      // Pass 1 reads A directly when it is in the compute dtype, else a
-      // conversion in `tmp`, and writes its result into this matrix's slot of
-      // the output: the thread that works on a matrix first-touches its memory.
-      const Tensor Ai = A_c.select(0, i);
-      Tensor X = Q.select(0, i);
-      const bool direct = Ai.scalar_type() == acc;
-      if (!direct) tmp.copy_(Ai);
-      ok[i] = cholesky_qr(Ai, direct ? Ai : tmp, X, tmp, small, G, Linv, rank_tol);
-    }
-  });
-  std::vector<int64_t> bad;
-  for (int64_t i = 0; i < b; ++i) {
-    if (!ok[i]) bad.push_back(i);
+  {
+    std::vector<Tensor> mats;
+    for (int64_t i = 0; i < b; ++i) mats.push_back(A_c.select(0, i));
+    const int64_t bad = first_nonfinite(mats);
+    TORCH_CHECK_VALUE(bad < 0, "orthonormalize_rows: A[", bad, "] holds NaN or Inf values; it has no orthonormal "
+                      "row basis");
   }
-  if (!bad.empty()) {
-    Tensor idx = at::tensor(bad, A.options().dtype(at::kLong));
-    auto [Qh, rank_deficient] = householder_rows(A_c.index_select(0, idx), rank_tol);
-    Q.index_copy_(0, idx, Qh.to(acc));
-    deficient.index_copy_(0, idx, rank_deficient);
+  const double rank_tol = rank_tol_of(acc, n), accept_tol = accept_tol_of(acc, n);
+  std::vector<uint8_t> ok(b, 0);
+  if (acc != at::kDouble) {  // fp64: the stable path only (see the top)
+    at::parallel_for(0, b, 1, [&](int64_t i0, int64_t i1) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd_here;  // the workers' own thread-local state
+      std::vector<double> G(r * r), Linv(r * r);
+      Tensor tmp = at::empty({r, n}, Q.options()), small = at::empty({r, r}, Q.options());
+      for (int64_t i = i0; i < i1; ++i) {
+        // Pass 1 reads A directly when it is in the compute dtype, else a
+        // conversion in `tmp`, and writes its result into this matrix's slot of
+        // the output: the thread that works on a matrix first-touches its memory.
+        const Tensor Ai = A_c.select(0, i);
+        Tensor X = Q.select(0, i);
+        const bool direct = Ai.scalar_type() == acc;
+        if (!direct) tmp.copy_(Ai);
+        ok[i] = cholesky_qr(Ai, direct ? Ai : tmp, X, tmp, small, G, Linv, accept_tol);
+      }
+    });
+  }
+  for (int64_t i = 0; i < b; ++i) {
+    if (ok[i]) continue;
+    auto [Qh, rank_deficient] = stable_rows(A_c.select(0, i), rank_tol);
+    Q.select(0, i).copy_(Qh);
+    deficient[i] = rank_deficient;
   }
   return {Q.to(A.scalar_type()), deficient};
 }
@@ -217,8 +307,15 @@ Tensor orthonormalize_rows_inplace_cpu(at::TensorList As) {
                       M.sizes(), ")");
     TORCH_CHECK_VALUE(M.is_contiguous(), "orthonormalize_rows_: A[", i, "] must be contiguous");
   }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // A may be nn.Parameters (written under no_grad)
+  {
+    const int64_t bad = first_nonfinite(As.vec());
+    TORCH_CHECK_VALUE(bad < 0, "orthonormalize_rows_: A[", bad, "] holds NaN or Inf values; it has no orthonormal "
+                      "row basis (nothing was written)");
+  }
   std::vector<uint8_t> ok(k, 0);
   at::parallel_for(0, k, 1, [&](int64_t i0, int64_t i1) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd_here;  // the workers' own thread-local state
     std::vector<double> G, Linv;
     Tensor X, tmp, small;  // the thread's buffers, reallocated when the shape or dtype changes
     for (int64_t i = i0; i < i1; ++i) {
@@ -229,16 +326,15 @@ Tensor orthonormalize_rows_inplace_cpu(at::TensorList As) {
         continue;
       }
       const auto acc = at::promote_types(M.scalar_type(), at::kFloat);
+      if (acc == at::kDouble) continue;  // fp64: the stable path only (see the top)
       if (!X.defined() || X.size(0) != r || X.size(1) != n || X.scalar_type() != acc) {
         const auto opts = M.options().dtype(acc);
         X = at::empty({r, n}, opts), tmp = at::empty({r, n}, opts), small = at::empty({r, r}, opts);
         G.assign(r * r, 0.0), Linv.assign(r * r, 0.0);
       }
-      const double rank_tol =
-          static_cast<double>(n) * (acc == at::kDouble ? 2.220446049250313e-16 : 1.1920928955078125e-7);
       const bool direct = M.scalar_type() == acc;
       if (!direct) tmp.copy_(M);
-      ok[i] = cholesky_qr(M, direct ? M : tmp, X, tmp, small, G, Linv, rank_tol);
+      ok[i] = cholesky_qr(M, direct ? M : tmp, X, tmp, small, G, Linv, accept_tol_of(acc, n));
       if (ok[i]) M.copy_(X);
     }
   });
@@ -246,11 +342,9 @@ Tensor orthonormalize_rows_inplace_cpu(at::TensorList As) {
   for (int64_t i = 0; i < k; ++i) {
     if (ok[i]) continue;
     const Tensor& M = As[i];
-    const double tol = static_cast<double>(M.size(1)) *
-                       (M.scalar_type() == at::kDouble ? 2.220446049250313e-16 : 1.1920928955078125e-7);
-    auto [Qh, rank_deficient] = householder_rows(M.unsqueeze(0), tol);
-    M.copy_(Qh.squeeze(0));
-    deficient[i] = rank_deficient[0];
+    auto [Qh, rank_deficient] = stable_rows(M, rank_tol_of(at::promote_types(M.scalar_type(), at::kFloat), M.size(1)));
+    M.copy_(Qh.to(at::promote_types(M.scalar_type(), at::kFloat)));  // rounded as orthonormalize_rows rounds it
+    deficient[i] = rank_deficient;
   }
   return deficient;
 }

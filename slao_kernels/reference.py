@@ -80,16 +80,64 @@ def scaled_merge_ref(merged, fine_tuned, lam, check_finite):
         m.copy_(out)
 
 
+def _completed_rows(M):
+    """Sign-fixed ``Qᵀ`` (fp64) of one (r, n) fp64 matrix, from Householder QR of ``Mᵀ``.
+
+    Row j with ``|R_jj| ≤ n·eps64·max|R|`` (the fp64 rounding level: its direction
+    would be noise) is replaced by the canonical vector ``e_m`` with the largest
+    residual against rows 0..j−1 (the first m on ties), scaled to ``max|R|`` (1 for
+    a zero matrix), and the QR redone: the completion depends on the matrix alone,
+    and a zero matrix gives the identity rows. The CPU kernel
+    (``csrc/orthonormalize.cpp``, ``stable_rows``) runs the same sequence of ops.
+    """
+    r, n = M.shape
+    Q, R = torch.linalg.qr(M.t())  # (n, r), (r, r)
+    scale = R.abs().max().item()
+    j0 = 0
+    while True:
+        lim = n * torch.finfo(torch.float64).eps * R.abs().max().item()
+        noise = torch.nonzero(R.diagonal().abs()[j0:] <= lim).flatten()
+        if noise.numel() == 0:
+            break
+        j = j0 + int(noise[0])
+        m = int((1.0 - Q[:, :j].square().sum(1)).argmax())
+        M = M.clone()
+        M[j] = 0.0
+        M[j, m] = scale if scale > 0.0 else 1.0
+        Q, R = torch.linalg.qr(M.t())
+        j0 = j + 1
+    return (Q * torch.where(R.diagonal() < 0, -1.0, 1.0).to(Q.dtype)).t()
+
+
 def orthonormalize_rows_ref(A):
     """``slao::orthonormalize_rows``: Householder QR of each ``Aᵀ`` in fp64, signs
-    fixed so ``diag(R) > 0`` (sign(0) = +1); returns ``(Qᵀ in A.dtype, rank_deficient)``."""
-    Q, R = torch.linalg.qr(A.to(torch.float64).transpose(-1, -2))  # (b, n, r), (b, r, r)
+    fixed so ``diag(R) > 0`` (sign(0) = +1); returns ``(Qᵀ in A.dtype, rank_deficient)``.
+
+    ``rank_deficient``: some ``|R_jj| ≤ n·eps·max|R|`` with eps of the precision
+    computed in (fp32 for 16-bit and fp32 input). Rows whose ``R_jj`` is at the
+    fp64 rounding level are completed deterministically (see :func:`_completed_rows`).
+    Results are rounded to fp32 (fp64 for fp64) and then to ``A.dtype``, as the kernels round.
+    Non-finite input is refused with a ``ValueError`` naming the matrix.
+    """
+    acc = torch.promote_types(A.dtype, torch.float32)
+    bad = torch.nonzero(~torch.isfinite(A).flatten(1).all(1)).flatten() if A.numel() else []
+    if len(bad):
+        raise ValueError(f"orthonormalize_rows: A[{int(bad[0])}] holds NaN or Inf values; it has no orthonormal "
+                         "row basis")
+    A64 = A.to(torch.float64)
+    Q, R = torch.linalg.qr(A64.transpose(-1, -2))  # (b, n, r), (b, r, r)
     diag = torch.diagonal(R, dim1=-2, dim2=-1)
     signs = torch.where(diag < 0, -1.0, 1.0).to(Q.dtype)
-    scale = R.abs().amax(dim=(-2, -1), keepdim=True).squeeze(-1).clamp_min(1e-300)
-    eps = torch.finfo(torch.promote_types(A.dtype, torch.float32)).eps  # rank at the precision computed in
-    deficient = (diag.abs() <= A.shape[-1] * eps * scale).any(dim=-1)
-    return (Q * signs.unsqueeze(-2)).transpose(-1, -2).to(A.dtype).contiguous(), deficient
+    absmax = R.abs().amax(dim=(-2, -1), keepdim=True).squeeze(-1)
+    eps = torch.finfo(acc).eps  # rank at the precision computed in
+    deficient = (diag.abs() <= A.shape[-1] * eps * absmax.clamp_min(1e-300)).any(dim=-1)
+    Qt = (Q * signs.unsqueeze(-2)).transpose(-1, -2)
+    noise = (diag.abs() <= A.shape[-1] * torch.finfo(torch.float64).eps * absmax).any(dim=-1)
+    if noise.any():
+        Qt = Qt.clone()
+        for i in torch.nonzero(noise).flatten().tolist():
+            Qt[i] = _completed_rows(A64[i].clone())
+    return Qt.to(acc).to(A.dtype).contiguous(), deficient
 
 
 def orthonormalize_rows_inplace_ref(A):

@@ -11,8 +11,27 @@ Inputs are a (b, r, n) batch or a list of (r, n) matrices of mixed shapes
 in fp32 at least; returned in the input dtype.
 
 CPU: ``csrc/orthonormalize.cpp``: CholeskyQR2 per matrix, in place in the
-output, every result checked (``max|QQᵀ − I| ≤ 1e-5``) and the failures
-(ill-conditioned or rank-deficient) redone by fp64 Householder QR.
+output, every result checked (``max|QQᵀ − I| ≤ 1e-5``, and every
+``diag(R) > max(n·eps, √eps)·max_j ‖a_j‖``) and the failures (ill-conditioned
+or rank-deficient) redone by fp64 Householder QR, one matrix at a time.
+
+Accuracy contract, per input dtype (tests/test_orthonormalize.py):
+
+* fp64: always fp64 Householder QR (``torch.linalg.qr``), so the result is
+  orthonormal to fp64 rounding (``max|QQᵀ − I|`` ~ n·2^-53) and equals the
+  reference's.
+* fp32: ``max|QQᵀ − I| ≤ 1e-5``; ``Q`` within ~cond(A)·2^-24 of the fp64 result.
+* bf16 / fp16: computed as fp32, then one rounding to the input dtype.
+
+Rank deficiency: a row whose ``R_jj`` is at the fp64 rounding level has no
+direction of its own; it gets a deterministic completion (the canonical vector
+with the largest residual against the rows before it; a zero matrix gives the
+identity rows), computed by the same fp64 steps on every path (batched, one
+matrix, in place, Triton's host fallback) and in the reference, so no path's
+result depends on rounding noise. Non-finite input raises ``ValueError``
+naming the matrix; nothing is written. The in-place op on tensors that require
+grad must run under ``torch.no_grad()`` (it raises otherwise); there it works
+on ``nn.Parameter`` s at any thread count.
 CUDA (Triton): the same algorithm, one program per matrix. The Gram matrices
 are ``tl.dot`` products over column tiles (IEEE fp32), the r×r Cholesky and
 triangular inverse run in registers (column j extracted by a masked
@@ -84,7 +103,7 @@ def _cholesky_qr2_kernel(
     a_ptr, q_ptr, ok_ptr,
     R, N,
     stride_ab, stride_ar, stride_an, stride_qb, stride_qr, stride_qn,
-    rank_tol,
+    accept_tol,
     R_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One matrix: q ← CholeskyQR2(a) (fp32), ok ← the result passed every check."""
@@ -109,18 +128,21 @@ def _cholesky_qr2_kernel(
     # Checks: max|QQᵀ − I| and diag(Q·Aᵀ) = diag(R), accurate to ~u·‖A‖.
     G = tl.zeros((R_PAD, R_PAD), dtype=tl.float32)
     diag_r = tl.zeros((R_PAD,), dtype=tl.float32)
+    norm2 = tl.zeros((R_PAD,), dtype=tl.float32)  # ‖a_j‖²: the scale of the acceptance floor
     for n0 in range(0, N, BLOCK_N):
         q, _ = _column_tile(a_rows, q_rows, n0, offs, N, row_ok, stride_an, stride_qn, False)
         a, _ = _column_tile(a_rows, q_rows, n0, offs, N, row_ok, stride_an, stride_qn, True)
         G = tl.dot(q, tl.trans(q), G, input_precision="ieee")
         diag_r += tl.sum(q * a, axis=1)
+        norm2 += tl.sum(a * a, axis=1)
     cols = tl.arange(0, R_PAD)
     valid = row_ok[:, None] & (cols < R)[None, :]
     eye = (rows[:, None] == cols[None, :]).to(tl.float32)
     err = tl.max(tl.max(tl.where(valid, tl.abs(G - eye), 0.0), axis=1), axis=0)
     lo = tl.min(tl.where(row_ok, diag_r, float("inf")), axis=0)
-    hi = tl.max(tl.where(row_ok, tl.abs(diag_r), 0.0), axis=0)
-    ok = ok & (err <= ORTHO_TOL) & (lo > rank_tol * hi)
+    a_max = tl.sqrt(tl.max(tl.where(row_ok, norm2, 0.0), axis=0))
+    # accept_tol = max(n·eps, √eps): a row that depends on the others (a noise direction) stays below it.
+    ok = ok & (err <= ORTHO_TOL) & (lo > accept_tol * a_max)
     tl.store(ok_ptr + pid, ok.to(tl.int32))
 
 
@@ -143,11 +165,12 @@ def orthonormalize_rows_triton(A):
         return work.to(A.dtype), deficient
     ok = torch.empty((b,), device=A.device, dtype=torch.int32)
     r_pad = rank_block(r)
-    rank_tol = n * torch.finfo(torch.float32).eps
+    eps = torch.finfo(torch.float32).eps
+    accept_tol = max(n * eps, eps ** 0.5)  # as in csrc/orthonormalize.cpp
     _cholesky_qr2_kernel[(b,)](
         A, work, ok, r, n,
         A.stride(0), A.stride(1), A.stride(2), work.stride(0), work.stride(1), work.stride(2),
-        rank_tol,
+        accept_tol,
         R_PAD=r_pad, BLOCK_N=_block_n(r_pad), num_warps=NUM_WARPS,
     )
     bad = torch.nonzero(ok == 0).flatten()
@@ -158,7 +181,18 @@ def orthonormalize_rows_triton(A):
     return work.to(A.dtype), deficient
 
 
+def _check_finite(matrices, op: str) -> None:
+    """ValueError naming the first matrix that holds NaN or ±Inf (one device sync)."""
+    if not matrices:
+        return
+    finite = torch.stack([torch.isfinite(M).all() for M in matrices]).cpu()
+    if not finite.all():
+        i = int(torch.nonzero(~finite)[0, 0])
+        raise ValueError(f"{op}: A[{i}] holds NaN or Inf values; it has no orthonormal row basis")
+
+
 def _cuda(A):
+    _check_finite(list(A.unbind(0)), "orthonormalize_rows")
     if A.shape[1] > TRITON_MAX_RANK or A.dtype == torch.float64:
         return reference.orthonormalize_rows_ref(A)
     return orthonormalize_rows_triton(A)
@@ -168,6 +202,7 @@ def _cuda_inplace(A):
     """In place on CUDA: per group of equal shape and dtype, one batched launch into
     a stacked copy, written back (device memory traffic is cheap next to the launch count)."""
     deficient = torch.zeros((len(A),), dtype=torch.bool, device=A[0].device if len(A) else "cpu")
+    _check_finite(list(A), "orthonormalize_rows_")  # every check before any write
     for idx in _groups(A).values():
         Q, flags = _cuda(torch.stack([A[i] for i in idx]))
         torch._foreach_copy_([A[i] for i in idx], list(Q.unbind(0)))
@@ -189,7 +224,7 @@ def aot_specs():
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for r_pad in (16, 32, 64):
             yield AotSpec(_cholesky_qr2_kernel, (("a_ptr", dtype), ("q_ptr", torch.float32), ("ok_ptr", torch.int32)),
-                          (("R_PAD", r_pad), ("BLOCK_N", _block_n(r_pad))), NUM_WARPS, float_args=("rank_tol",))
+                          (("R_PAD", r_pad), ("BLOCK_N", _block_n(r_pad))), NUM_WARPS, float_args=("accept_tol",))
 
 
 def _check_matrix(name: str, A: torch.Tensor) -> None:
@@ -199,6 +234,17 @@ def _check_matrix(name: str, A: torch.Tensor) -> None:
         raise ValueError(f"{name} has more rows than columns ({r} > {n}): its rows cannot be orthonormal")
     if r == 0:
         raise ValueError(f"{name} has no rows (shape {tuple(A.shape)})")
+
+
+def _check_finite_named(A: torch.Tensor) -> None:
+    if not torch.isfinite(A).all():
+        raise ValueError("A holds NaN or Inf values; it has no orthonormal row basis")
+
+
+def _check_no_grad(name: str, M: torch.Tensor) -> None:
+    if M.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"orthonormalize_rows_: {name} requires grad and grad mode is on; autograd cannot track "
+                         "this in-place write. Call it under torch.no_grad() (or pass .detach()ed tensors)")
 
 
 def _warn_deficient(deficient: torch.Tensor, names, op: str) -> None:
@@ -241,12 +287,18 @@ def orthonormalize_rows(A):
         The same structure as ``A`` (a tensor, or a new list in the same
         order), each result in its input's dtype. A rank-deficient matrix gets
         a deterministic orthonormal completion of its row basis, with a
-        warning (once).
+        warning (once). Accuracy per dtype: see the module docstring.
+
+    Raises:
+        ValueError: a matrix has more rows than columns, no rows, or holds NaN/±Inf.
+        TypeError: a matrix is not a floating-point tensor.
     """
     if isinstance(A, torch.Tensor):
         if A.dim() not in (2, 3):
             raise ValueError(f"A must be (r, n) or (batch, r, n), got shape {tuple(A.shape)}")
         _check_matrix("A", A)
+        if A.dim() == 2:
+            _check_finite_named(A)
         batch = A if A.dim() == 3 else A.unsqueeze(0)
         out = _orthonormalize(batch, [f"A[{i}]" for i in range(batch.shape[0])] if A.dim() == 3 else ["A"])
         return out if A.dim() == 3 else out.squeeze(0)
@@ -274,11 +326,20 @@ def orthonormalize_rows_(A):
     Returns:
         ``A`` itself. Results are those of :func:`orthonormalize_rows`, with the
         same warning for rank-deficient matrices.
+
+    Raises:
+        ValueError: as :func:`orthonormalize_rows`; also for a non-contiguous
+            matrix, and for a matrix that requires grad while grad mode is on
+            (autograd cannot track this write: call it under ``torch.no_grad()``,
+            as SLAO's task switch does). On any error nothing has been written.
     """
     if isinstance(A, torch.Tensor):
         if A.dim() not in (2, 3):
             raise ValueError(f"A must be (r, n) or (batch, r, n), got shape {tuple(A.shape)}")
         _check_matrix("A", A)
+        _check_no_grad("A", A)
+        if A.dim() == 2:
+            _check_finite_named(A)
         if not A.is_contiguous():
             raise ValueError(f"A must be contiguous to be orthonormalized in place (strides {A.stride()})")
         matrices = list(A.unbind(0)) if A.dim() == 3 else [A]
@@ -291,7 +352,12 @@ def orthonormalize_rows_(A):
             raise ValueError(f"A[{bad}] must be contiguous to be orthonormalized in place "
                              f"(strides {matrices[bad].stride()})")
         names = [f"A[{i}]" for i in range(len(matrices))]
-    for device in {M.device for M in matrices}:
+        for name, M in zip(names, matrices):
+            _check_no_grad(name, M)
+    devices = list(dict.fromkeys(M.device for M in matrices))
+    if len(devices) > 1:  # one op call per device: all of them checked before the first writes
+        _check_finite(matrices, "orthonormalize_rows_")
+    for device in devices:
         idx = [i for i, M in enumerate(matrices) if M.device == device]
         deficient = torch.ops.slao.orthonormalize_rows_([matrices[i] for i in idx])
         _warn_deficient(deficient, [names[i] for i in idx], "orthonormalize_rows_")
