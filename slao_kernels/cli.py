@@ -179,10 +179,10 @@ def _load_model(spec, device: str, log):
     return model, tokenizer, seconds
 
 
-def _check_adapter_fits(spec, lora, strategy: str | None = None, options: dict | None = None) -> dict:
+def _check_adapter_fits(spec, lora, strategy: str | None = None, options: dict | None = None) -> None:
     """Check ``--targets``/``--rank`` (and the strategy with its options) against the
     model's config, before any weight is loaded: the adapter is added to a skeleton of
-    the model on the meta device. Returns the strategy's config (for the report) or {}.
+    the model on the meta device, and the strategy is built on it.
 
     Raises:
         UsageError: naming the flag, the accepted values and what was given.
@@ -213,23 +213,26 @@ def _check_adapter_fits(spec, lora, strategy: str | None = None, options: dict |
     except (TypeError, ValueError) as e:
         raise UsageError(f"the adapter does not fit the model: {e}") from None
     if strategy is None:
-        return {}
+        return
     try:
-        return make_strategy(strategy, skeleton, **(options or {})).config()
+        make_strategy(strategy, skeleton, **(options or {}))
     except (TypeError, ValueError) as e:
         given = " ".join(f"{k}={v}" for k, v in (options or {}).items())
         raise UsageError(f"--strategy {strategy}" + (f" with {given}" if given else "") + f": {e}") from None
 
 
 def _check_resumable(out: str, names: list[str], config: dict) -> None:
-    """--resume: the run in ``out`` is over the same tasks with the same settings
-    (the entries of ``config`` this run knows before training), checked before the model loads."""
+    """--resume: the run in ``out`` is over the same tasks with the same settings, checked
+    before the model loads (the runner checks the same against the checkpoint; this is
+    the early, flag-naming version of its check, on the entries known before training)."""
+    from slao_kernels.continual.runner import RUN_SPECIFIC
+
     report = _run_report(out, need=("tasks", "config"))
     if report["tasks"] != names:
         raise UsageError(f"--resume: the run in {out} is over the tasks {report['tasks']}, not {names} "
                          f"(--order, --data)")
     ours = json.loads(json.dumps(config))  # as it reads back from report.json (tuples become lists)
-    differ = sorted(k for k in ours if report["config"].get(k) != ours[k])
+    differ = sorted(k for k in ours if k not in RUN_SPECIFIC and report["config"].get(k) != ours[k])
     if differ:
         raise UsageError(f"--resume: the run in {out} has other settings ({', '.join(differ)}): pass the flags "
                          f"it was started with, or --overwrite to replace it")
@@ -282,11 +285,10 @@ def cmd_run(args) -> int:
             max_test=args.max_test, seed=args.seed)
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from None
-    strategy_config = _check_adapter_fits(args.model, config.lora, args.strategy, options)
+    _check_adapter_fits(args.model, config.lora, args.strategy, options)
     extra = {"model": args.model or "default", "tasks_source": source}
     if args.resume:
-        _check_resumable(out, [t.name for t in tasks],
-                         {**config.to_dict(), "strategy_config": strategy_config, **extra})
+        _check_resumable(out, [t.name for t in tasks], {**config.to_dict(), **extra})
     log = print
     if args.quiet:
         from transformers.utils import logging as hf_logging
