@@ -293,6 +293,7 @@ MALFORMED = [
     ("version-missing", drop(["library_version"]), "missing \\['library_version'\\]"),
     ("version-int", put(["library_version"], 1), "'library_version'"),
     ("unknown-field", put(["extra"], 1), "unknown \\['extra'\\]"),
+    ("metadata-list", put(["metadata"], [1]), "'metadata'"),
     ("strategy-checkpoint", put(["strategy"], "seqlora"), "strategy 'seqlora'"),
     ("merge-AB-lacks-buffer_A", put(["slao", "merge"], "AB"), "missing \\['model.*buffer_A"),
     ("task-0-has-no-buffers", put(["task_index"], 0), "unexpected \\['model.*buffer_B"),
@@ -380,6 +381,19 @@ def test_checkpoint_format_1_still_loads(tmp_path):
     for n, m in lora_modules(target).items():
         assert torch.equal(m.lora_A, slao.modules[n].lora_A) and torch.equal(m.lora_B, slao.modules[n].lora_B)
         assert torch.equal(loaded._b_other[n], slao._b_other[n]) and torch.equal(loaded._a_other[n], slao._a_other[n])
+
+
+def test_caller_metadata_round_trips_and_is_covered_by_the_checksum(tmp_path):
+    from slao_kernels.io import load_checkpoint
+
+    slao = SLAO(patched_model())
+    run_tasks(slao, [1])
+    slao.save(str(tmp_path), metadata={"run": {"tasks": ["a", "b"], "done": 1}})
+    assert load_checkpoint(str(tmp_path))[0]["metadata"] == {"run": {"tasks": ["a", "b"], "done": 1}}
+    assert SLAO.load(patched_model(), str(tmp_path)).task_index == 1
+    edit_meta(tmp_path, put(["metadata", "run", "done"], 2), resign=False)
+    with pytest.raises(ValueError, match="corrupted or was edited"):
+        load_checkpoint(str(tmp_path))
 
 
 def test_slao_save_refuses_non_finite_tensors_and_writes_nothing(tmp_path):
