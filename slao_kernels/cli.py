@@ -203,11 +203,11 @@ def _check_adapter_fits(spec, lora, strategy: str | None = None, options: dict |
         raise UsageError(f"--targets: {missing} match no linear layer of this {kind}; accepted: a "
                          f"comma-separated subset of {','.join(leaves)}, got {','.join(lora.targets)}")
     targeted = {n: m for n, m in linears.items() if n.rpartition(".")[2] in lora.targets}
-    name, widest = min(targeted.items(), key=lambda item: min(item[1].in_features, item[1].out_features))
-    limit = min(widest.in_features, widest.out_features)
+    name, narrowest = min(targeted.items(), key=lambda item: min(item[1].in_features, item[1].out_features))
+    limit = min(narrowest.in_features, narrowest.out_features)
     if lora.rank > limit:
         raise UsageError(f"--rank must be in [1, {limit}] for --targets {','.join(lora.targets)} of this {kind} "
-                         f"({name} is {widest.in_features} -> {widest.out_features}), got {lora.rank}")
+                         f"({name} is {narrowest.in_features} -> {narrowest.out_features}), got {lora.rank}")
     try:  # whatever else the adapter or the strategy refuse, refused here, not after the weights loaded
         patch_llama(skeleton, lora)
     except (TypeError, ValueError) as e:
@@ -472,8 +472,8 @@ def cmd_export(args) -> int:
     return 0
 
 
-POSITIVE = _int_at_least(1)
-NON_NEGATIVE = _int_at_least(0)
+_POSITIVE = _int_at_least(1)
+_NON_NEGATIVE = _int_at_least(0)
 
 
 def _add_task_args(p) -> None:
@@ -481,12 +481,12 @@ def _add_task_args(p) -> None:
                    "(<task>/train.json, test.json, labels.json); default: the built-in generated suite")
     p.add_argument("--order", default=None, help="task order: comma-separated names or a named order "
                    "(order1..order4); default: every task")
-    p.add_argument("--train-size", type=POSITIVE, default=256, help="generated suite: training rows per task")
+    p.add_argument("--train-size", type=_POSITIVE, default=256, help="generated suite: training rows per task")
     p.add_argument("--test-size", type=_int_at_least(2), default=100, help="generated suite: test rows per task")
-    p.add_argument("--data-seed", type=NON_NEGATIVE, default=0, help="generated suite: seed of the rows")
-    p.add_argument("--max-test", type=POSITIVE, default=None,
+    p.add_argument("--data-seed", type=_NON_NEGATIVE, default=0, help="generated suite: seed of the rows")
+    p.add_argument("--max-test", type=_POSITIVE, default=None,
                    help="evaluate on at most this many test rows per task")
-    p.add_argument("--eval-batch-size", type=POSITIVE, default=16)
+    p.add_argument("--eval-batch-size", type=_POSITIVE, default=16)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
 
@@ -508,16 +508,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--init", default=None, choices=INITS, help="slao: orthogonal (default), last_ft, last_merge "
                    "or random")
     r.add_argument("--merge", default=None, choices=MERGES, help="slao: B (default), A, AB or none")
-    r.add_argument("--rank", type=POSITIVE, default=8, help="adapter rank (at most min(in, out) of every target)")
+    r.add_argument("--rank", type=_POSITIVE, default=8, help="adapter rank (at most min(in, out) of every target)")
     r.add_argument("--alpha", type=_positive_float, default=None, help="LoRA alpha (default 2 x rank)")
     r.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                    help="comma-separated projection names to adapt")
-    r.add_argument("--steps", type=POSITIVE, default=40, help="optimizer steps per task")
+    r.add_argument("--steps", type=_POSITIVE, default=40, help="optimizer steps per task")
     r.add_argument("--epochs", type=_positive_float, default=None, help="epochs per task instead of --steps")
-    r.add_argument("--batch-size", type=POSITIVE, default=8)
-    r.add_argument("--grad-accum", type=POSITIVE, default=1)
+    r.add_argument("--batch-size", type=_POSITIVE, default=8)
+    r.add_argument("--grad-accum", type=_POSITIVE, default=1)
     r.add_argument("--lr", type=_positive_float, default=1e-3)
-    r.add_argument("--seed", type=NON_NEGATIVE, default=0)
+    r.add_argument("--seed", type=_NON_NEGATIVE, default=0)
     r.add_argument("--out", default="slao-run", help="output directory (report, plots, checkpoint, adapter)")
     r.add_argument("--overwrite", action="store_true", help="replace the report of an earlier run in --out")
     r.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (same command "
@@ -537,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time the lora_linear kernels against torch on this machine")
     b.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     b.add_argument("--quick", action="store_true", help="only the first shape")
-    b.add_argument("--rounds", type=POSITIVE, default=30, help="interleaved timing rounds per case")
+    b.add_argument("--rounds", type=_POSITIVE, default=30, help="interleaved timing rounds per case")
     b.add_argument("--json", default=None, help="also write the results (with device and versions) to this file")
     b.set_defaults(func=cmd_bench)
     i = sub.add_parser("info", help="versions, devices, active kernels")
