@@ -52,7 +52,6 @@ import re
 import secrets
 import shutil
 import sys
-import tempfile
 
 import torch
 from torch import nn
@@ -82,12 +81,6 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)  # the only portable way to read it is to set it and restore it
-    os.umask(mask)
-    return mask
-
-
 def _discard(path: str) -> None:
     """Remove a temporary file or directory if it is there (a symlink itself, never its target)."""
     if os.path.islink(path) or os.path.isfile(path):
@@ -111,19 +104,33 @@ def _write_file(path: str, data: bytes) -> None:
         os.close(fd)
 
 
+def _temporary_name(base: str) -> str:
+    return f"{TMP_PREFIX}{base[:200]}."  # + 8 hex digits; [:200] keeps the name under NAME_MAX
+
+
 def write_atomic(path: str, write) -> None:
     """Write ``path`` through ``write(fileobj)`` into a temporary file in the same
-    directory, fsync, then rename over ``path``: readers see the old or the new
-    file, never a partial one."""
-    directory = os.path.dirname(os.path.abspath(path))
+    directory (``.tmp-<name>.<8 hex>``), fsync, then rename over ``path``: readers
+    see the old or the new file, never a partial one. The temporary files that an
+    earlier, killed write of ``path`` left are removed first."""
+    directory, base = os.path.split(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX)
+    stale = re.compile(re.escape(_temporary_name(base)) + r"[0-9a-f]{8}")
+    for name in os.listdir(directory):
+        if stale.fullmatch(name):
+            _discard(os.path.join(directory, name))
+    while True:
+        tmp = os.path.join(directory, _temporary_name(base) + secrets.token_hex(4))
+        try:  # O_EXCL: never another writer's file; mode 0o666 less the umask, as open() gives
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
         _fsync_dir(directory)
     except BaseException:

@@ -606,3 +606,27 @@ def test_malformed_peft_config_is_refused_naming_the_field(tmp_path, edit, match
     with pytest.raises(ValueError, match=match):
         load_peft_adapter(fresh, str(tmp_path))
     assert unchanged(fresh, snap) and not lora_modules(fresh)
+
+
+def test_write_atomic_removes_what_a_killed_write_of_the_same_file_left(tmp_path, monkeypatch):
+    import slao_kernels.io as sio
+
+    (tmp_path / "report.json").write_text("old")
+    with monkeypatch.context() as m:  # killed between the fsync and the rename: no cleanup runs
+        m.setattr(sio, "_discard", lambda path: None)
+        m.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(Crash("killed")))
+        with pytest.raises(Crash):
+            sio.write_json_atomic(str(tmp_path / "report.json"), {"new": 1})
+    left = [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
+    assert len(left) == 1 and (tmp_path / "report.json").read_text() == "old"
+    (tmp_path / ".tmp-other.json.0123abcd").write_text("another file's")  # not ours to remove
+    sio.write_json_atomic(str(tmp_path / "report.json"), {"new": 2})
+    assert sorted(os.listdir(tmp_path)) == [".tmp-other.json.0123abcd", "report.json"]
+    assert json.loads((tmp_path / "report.json").read_text()) == {"new": 2}
+    assert oct((tmp_path / "report.json").stat().st_mode & 0o777) == oct(0o666 & ~_current_umask())
+
+
+def _current_umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
