@@ -63,7 +63,9 @@ CHECKPOINT_FORMAT = "slao_kernels.slao/2"
 READABLE_FORMATS = ("slao_kernels.slao/1", CHECKPOINT_FORMAT)
 """The formats :func:`load_checkpoint` reads (``/1``: as ``/2`` without the JSON checksum)."""
 META_CHECKSUM = "meta_sha256"
+"""The slao.json field holding the SHA-256 of the canonical JSON of all its other fields."""
 PEFT_PREFIX = "base_model.model."
+"""What PEFT puts before a module path in its tensor names."""
 TMP_PREFIX = ".tmp-"
 """Prefix of every temporary file or directory a write makes; a killed write leaves them."""
 
