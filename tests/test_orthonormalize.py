@@ -83,6 +83,25 @@ def test_dtypes(dtype):
     assert (Q.double() - Q_ref).abs().amax().item() <= tol
 
 
+@pytest.mark.parametrize("cond", [1.0, 1e4, 1e8])
+@pytest.mark.parametrize("path", ["batch", "in_place"])
+def test_fp64_has_fp64_accuracy(cond, path):
+    """The fp64 contract: fp64 Householder on every path, so the rows are orthonormal to fp64 rounding and
+    Q is within cond·n·2^-53 of an independent fp64 QR (numpy's LAPACK through torch.linalg.qr of the same
+    Aᵀ, signs fixed here). One-pass CholeskyQR in fp64 was accepted at cond 1e4 with an error of ~3e-9."""
+    A = with_condition(4, 16, 300, cond, torch.float64, seed=3)
+    if path == "batch":
+        Q = slao_kernels.orthonormalize_rows(A)
+    else:
+        Q = A.clone()
+        slao_kernels.orthonormalize_rows_(Q)
+    Qh, R = torch.linalg.qr(A.transpose(1, 2))
+    Qh = (Qh * torch.sign(torch.diagonal(R, dim1=-2, dim2=-1)).unsqueeze(-2)).transpose(1, 2)
+    eps = torch.finfo(torch.float64).eps
+    assert orthonormality_error(Q) <= 300 * eps  # n·u: Householder's orthogonality
+    assert (Q - Qh).abs().amax().item() <= cond * 300 * eps  # forward error of any backward-stable QR
+
+
 def test_sign_convention_matches_linalg_qr_with_positive_diagonal():
     A = torch.randn(5, 6, 40, dtype=torch.float64)
     Q = slao_kernels.orthonormalize_rows(A)
@@ -149,6 +168,111 @@ def test_in_place_bad_input():
         slao_kernels.orthonormalize_rows_([torch.randn(20, 4).t()])
     with pytest.raises(ValueError, match="more rows than columns"):
         slao_kernels.orthonormalize_rows_([torch.randn(5, 4)])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_in_place_on_parameters_under_no_grad_at_any_thread_count(threads):
+    """SLAO's task switch: orthonormalize_rows_ on the layers' nn.Parameters inside torch.no_grad(). With two
+    threads the parallel workers did not inherit no_grad and the kernel's GEMMs raised
+    "mm(): functions with out=... arguments don't support automatic differentiation"."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        params = [torch.nn.Parameter(with_condition(1, 8, 64, 10.0, seed=i)[0]) for i in range(4)]
+        expected = slao_kernels.orthonormalize_rows([p.detach().clone() for p in params])
+        with torch.no_grad():
+            assert slao_kernels.orthonormalize_rows_(params) is params
+        for p, q in zip(params, expected):
+            assert p.requires_grad and torch.equal(p.detach(), q)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_functional_on_a_tensor_that_requires_grad():
+    """The functional's kernel ran its GEMMs on a tensor that requires grad and raised (any thread count)."""
+    A = torch.randn(4, 8, 64, requires_grad=True)
+    torch.testing.assert_close(slao_kernels.orthonormalize_rows(A).double(),
+                               orthonormalize_rows_ref(A.detach().double())[0], atol=1e-5, rtol=0)
+
+
+def test_in_place_under_grad_mode_is_refused_before_any_write():
+    plain, param = torch.randn(4, 30), torch.nn.Parameter(torch.randn(4, 30))
+    before = [plain.clone(), param.detach().clone()]
+    with pytest.raises(ValueError, match=r"A\[1\] requires grad and grad mode is on.*torch.no_grad"):
+        slao_kernels.orthonormalize_rows_([plain, param])
+    assert torch.equal(plain, before[0]) and torch.equal(param.detach(), before[1])
+    with pytest.raises(ValueError, match=r"A requires grad and grad mode is on"):
+        slao_kernels.orthonormalize_rows_(torch.randn(2, 4, 30, requires_grad=True))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_non_finite_input_is_refused_naming_the_matrix(bad, dtype):
+    """A NaN/Inf matrix has no row basis: ValueError naming it (the result used to be NaN), and the in-place
+    op writes nothing, not even the finite matrices around it."""
+    A = torch.randn(3, 4, 30).to(dtype)
+    A[1, 2, 7] = bad
+    with pytest.raises(ValueError, match=r"A\[1\] holds NaN or Inf"):
+        slao_kernels.orthonormalize_rows(A)
+    with pytest.raises(ValueError, match=r"A\[1\] holds NaN or Inf"):
+        slao_kernels.orthonormalize_rows([A[0], A[1], A[2]])
+    with pytest.raises(ValueError, match=r"^A holds NaN or Inf"):
+        slao_kernels.orthonormalize_rows(A[1])
+    work = [a.clone() for a in A]
+    with pytest.raises(ValueError, match=r"A\[1\] holds NaN or Inf.*nothing was written"):
+        slao_kernels.orthonormalize_rows_(work)
+    for w, a in zip(work, A):
+        torch.testing.assert_close(w, a, rtol=0, atol=0, equal_nan=True)  # untouched, NaN included
+    with pytest.raises(ValueError, match=r"A\[1\] holds NaN or Inf"):
+        orthonormalize_rows_ref(A)
+
+
+def duplicated_row_matrices(dtype):
+    """Matrices with an exactly repeated row (and a zero one): the repeated row's R_jj is rounding noise.
+    Before the fix the CPU fast path accepted a few of these small ones (5 of the 200 (2, 3) fp32 matrices)
+    with the noise row's direction, up to 1.8 away from the reference's."""
+    g = torch.Generator().manual_seed(0)
+    mats = []
+    for (r, n), count in [((2, 3), 200), ((2, 4), 200), ((3, 5), 200), ((4, 30), 6), ((8, 64), 6), ((16, 300), 6)]:
+        batch = torch.randn(count, r, n, generator=g).to(dtype)
+        batch[:, r - 1] = batch[:, 0]
+        mats.extend(batch.unbind(0))
+    mats.append(torch.zeros(4, 9, dtype=dtype))
+    return mats
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_rank_deficient_completion_is_the_same_on_every_path(dtype):
+    """The completion depends on the matrix alone: batched, one matrix at a time, in a list, in place
+    (list and batch) and the reference give the same bits; its rows are orthonormal, span the matrix's
+    rows, and rows without a direction of their own get the deterministic canonical completion."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mats = duplicated_row_matrices(dtype)
+        by_shape = {}
+        for i, M in enumerate(mats):
+            by_shape.setdefault(tuple(M.shape), []).append(i)
+        single = [slao_kernels.orthonormalize_rows(M) for M in mats]
+        listed = slao_kernels.orthonormalize_rows(mats)
+        in_place = [M.clone() for M in mats]
+        slao_kernels.orthonormalize_rows_(in_place)
+        for idx in by_shape.values():
+            batch = torch.stack([mats[i] for i in idx])
+            batched = slao_kernels.orthonormalize_rows(batch)
+            ref = orthonormalize_rows_ref(batch)[0]
+            slao_kernels.orthonormalize_rows_(batch)
+            for j, i in enumerate(idx):
+                for name, got in (("batched", batched[j]), ("listed", listed[i]), ("in place", in_place[i]),
+                                  ("batch in place", batch[j]), ("reference", ref[j])):
+                    assert torch.equal(got, single[i]), (name, tuple(mats[i].shape), j)
+    for M, Q in zip(mats, single):
+        tol = 1e-12 if dtype == torch.float64 else torch.finfo(dtype).eps  # one rounding of fp64 results
+        Qd, Md = Q.double(), M.double()
+        assert orthonormality_error(Qd) <= 2 * tol * M.shape[1] ** 0.5
+        scale = Md.abs().max().item() or 1.0
+        assert (Md @ Qd.t() @ Qd - Md).abs().max().item() <= 4 * tol * scale * M.shape[1] ** 0.5  # span kept
+    Z = single[-1]
+    assert torch.equal(Z, torch.eye(4, 9, dtype=dtype))  # zero matrix: the identity rows
 
 
 # --------------------------------------------------------------------------- the Triton kernel

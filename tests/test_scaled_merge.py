@@ -127,3 +127,16 @@ def test_empty_list_is_a_noop():
 def test_bad_input(merged, fine, lam, exc, match):
     with pytest.raises(exc, match=match):
         slao_kernels.scaled_merge_(merged, fine, lam)
+
+
+def test_requires_grad_outside_no_grad_is_refused_before_any_write():
+    """Merging into a Parameter under grad mode would be an in-place write autograd cannot track:
+    refused with a message saying so, and no tensor of the list is written (not even the ones before)."""
+    plain, param = torch.zeros(4, 2), torch.nn.Parameter(torch.zeros(3, 2))
+    fine = [torch.ones(4, 2), torch.ones(3, 2)]
+    with pytest.raises(ValueError, match=r"merged\[1\] requires grad and grad mode is on.*torch.no_grad"):
+        slao_kernels.scaled_merge_([plain, param], fine, 0.5)
+    assert torch.equal(plain, torch.zeros(4, 2)) and torch.equal(param.detach(), torch.zeros(3, 2))
+    with torch.no_grad():  # what SLAO's end_task does
+        slao_kernels.scaled_merge_([plain, param], fine, 0.5)
+    assert torch.equal(param.detach(), torch.full((3, 2), 0.5)) and torch.equal(plain, torch.full((4, 2), 0.5))

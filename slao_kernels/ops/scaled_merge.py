@@ -160,6 +160,13 @@ def scaled_merge_(merged, fine_tuned, lam: float, check_finite: bool = False):
 
     Returns:
         ``merged``.
+
+    Raises:
+        ValueError: mismatched counts, shapes, dtypes or devices, a non-contiguous
+            tensor, a ``merged`` tensor that requires grad while grad mode is on
+            (autograd cannot track this write: call it under ``torch.no_grad()``),
+            or, with ``check_finite``, a non-finite result. Nothing is written then.
+        TypeError: a non-floating-point tensor or a ``lam`` that is not a finite number.
     """
     single = isinstance(merged, torch.Tensor)
     m_list = [merged] if single else list(merged)
@@ -176,6 +183,9 @@ def scaled_merge_(merged, fine_tuned, lam: float, check_finite: bool = False):
             raise ValueError(f"merged[{i}] and fine_tuned[{i}] must be contiguous")
         if m.device != m_list[0].device:
             raise ValueError(f"merged[{i}] is on {m.device} but merged[0] is on {m_list[0].device}")
+        if m.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"scaled_merge_: merged[{i}] requires grad and grad mode is on; autograd cannot track "
+                             "this in-place write. Call it under torch.no_grad() (or pass .detach()ed tensors)")
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
         raise TypeError(f"lam must be a finite float, got {lam!r}")
     if m_list:
