@@ -29,16 +29,28 @@ def make_inputs(M, n, m, r, dt, lora_dt, device="cpu", bias=True, lead=()):
     return x, weight, b, A, B, 0.75
 
 
-def reference_pair(fn, *tensors_and_scalars, dt):
-    """(out_pt, out_ref): ``fn`` run with every tensor in ``dt`` (the input
-    dtype) and in fp64."""
-    def cast(d):
-        return [t.to(d) if isinstance(t, torch.Tensor) else t for t in tensors_and_scalars]
-    return fn(*cast(dt)), fn(*cast(torch.float64))
+def reference_pair(fn, *tensors_and_scalars, dt, keep=()):
+    """(out_pt, out_ref): ``fn`` run by torch in the inputs' own precision and in fp64.
+
+    ``out_pt`` casts the activation-side tensors (x, weight, bias, grad_out) to
+    ``dt`` but leaves the tensors at the positions in ``keep`` in their own
+    dtype: the adapter A and B, the saved rank-r activation and its gradient
+    (fp32 by design). So an fp32 adapter on a 16-bit model is computed in fp32
+    here, as the kernels must compute it, and a kernel that rounds the adapter
+    to 16 bits is outside the tolerance (test_checks_catch_a_kernel_that_downcasts_the_adapter).
+    """
+    def cast(d, keep):
+        return [t.to(d) if isinstance(t, torch.Tensor) and i not in keep else t
+                for i, t in enumerate(tensors_and_scalars)]
+    return fn(*cast(dt, set(keep))), fn(*cast(torch.float64, set()))
+
+
+FORWARD_ADAPTER = (3, 4)  # A, B in (x, weight, bias, A, B, scaling)
+BACKWARD_ADAPTER = (1, 4, 5, 6)  # grad_act, A, B, lora_act in (grad_out, grad_act, x, weight, A, B, lora_act, ...)
 
 
 def check_forward(out, act, x, weight, b, A, B, s):
-    pt, ref = reference_pair(reference.lora_linear_ref, x, weight, b, A, B, s, dt=x.dtype)
+    pt, ref = reference_pair(reference.lora_linear_ref, x, weight, b, A, B, s, dt=x.dtype, keep=FORWARD_ADAPTER)
     assert out.dtype == x.dtype and out.shape == (*x.shape[:-1], weight.shape[0])
     assert act.dtype == torch.promote_types(torch.promote_types(x.dtype, A.dtype), torch.float32)
     assert_close_to_ref(out, pt[0], ref[0], "out")
@@ -46,7 +58,8 @@ def check_forward(out, act, x, weight, b, A, B, s):
 
 
 def check_backward(grads, dy, ga, x, weight, A, B, act, s):
-    pt, ref = reference_pair(reference.lora_linear_backward_ref, dy, ga, x, weight, A, B, act, s, True, dt=x.dtype)
+    pt, ref = reference_pair(reference.lora_linear_backward_ref, dy, ga, x, weight, A, B, act, s, True, dt=x.dtype,
+                             keep=BACKWARD_ADAPTER)
     for name, g, g_pt, g_ref, like in zip(("grad_x", "grad_A", "grad_B"), grads, pt, ref, (x, A, B)):
         assert g.dtype == like.dtype and g.shape == like.shape, name
         assert_close_to_ref(g, g_pt, g_ref, name)
@@ -89,7 +102,7 @@ def test_triton_weight_grad_split_over_rows():
     grads = op.lora_linear_backward_triton(dy, None, x, weight, A, B, act, s, False)
     assert grads[0].numel() == 0
     pt, ref = reference_pair(reference.lora_linear_backward_ref, dy, None, x, weight, A, B, act, s, False,
-                             dt=torch.float32)
+                             dt=torch.float32, keep=BACKWARD_ADAPTER)
     assert_close_to_ref(grads[1], pt[1], ref[1], "grad_A")
     assert_close_to_ref(grads[2], pt[2], ref[2], "grad_B")
 
@@ -126,6 +139,57 @@ def test_op_matches_reference(device, dt, lora_dt, r):
     dy, ga = torch.randn_like(out), torch.randn_like(act)
     grads = torch.ops.slao.lora_linear_backward(dy, ga, x, weight, A, B, act, s, True)
     check_backward(grads, dy, ga, x, weight, A, B, act, s)
+
+
+def _downcasting(forward, backward):
+    """A deliberately wrong kernel pair: the adapter is rounded to bf16 on the way in and its gradients on
+    the way out, what a kernel computing an fp32 adapter in 16 bits would give."""
+    def r16(t):
+        return t.to(torch.bfloat16).to(t.dtype)
+
+    def fwd(x, weight, bias, A, B, s):
+        return forward(x, weight, bias, r16(A), r16(B), s)
+
+    def bwd(dy, ga, x, weight, A, B, act, s, input_grad):
+        gx, gA, gB = backward(dy, ga, x, weight, r16(A), r16(B), act, s, input_grad)
+        return gx, r16(gA), r16(gB)
+
+    return fwd, bwd
+
+
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("path", ["op", "triton"])
+def test_checks_catch_a_kernel_that_downcasts_the_adapter(monkeypatch, path, dt):
+    """Mutation test: with the kernel entry replaced by one that rounds the fp32 adapter to bf16, the checks
+    above fail: on lora_act (the forward's rank-r product), grad_A and grad_B. With a baseline that cast the
+    adapter to the activations' dtype too, this kernel passed all five checks."""
+    if path == "op":
+        real = (torch.ops.slao.lora_linear, torch.ops.slao.lora_linear_backward)
+        device = "cpu"
+    else:
+        real = (op.lora_linear_triton, op.lora_linear_backward_triton)
+        device = KERNEL_DEVICE
+    bad = _downcasting(*real)
+    if path == "triton":  # the launchers' entry points replaced, as a broken kernel would be
+        monkeypatch.setattr(op, "lora_linear_triton", bad[0])
+        monkeypatch.setattr(op, "lora_linear_backward_triton", bad[1])
+    x, weight, b, A, B, s = make_inputs(37, 70, 90, 8, dt, torch.float32, device)
+    out, act = real[0](x, weight, b, A, B, s)
+    check_forward(out, act, x, weight, b, A, B, s)  # the real kernel passes
+    out_bad, act_bad = (op.lora_linear_triton if path == "triton" else bad[0])(x, weight, b, A, B, s)
+    with pytest.raises(AssertionError, match="lora_act"):
+        check_forward(out, act_bad, x, weight, b, A, B, s)
+    with pytest.raises(AssertionError):
+        check_forward(out_bad, act_bad, x, weight, b, A, B, s)
+    dy, ga = torch.randn_like(out), torch.randn_like(act)
+    grads = real[1](dy, ga, x, weight, A, B, act, s, True)
+    check_backward(grads, dy, ga, x, weight, A, B, act, s)
+    grads_bad = (op.lora_linear_backward_triton if path == "triton" else bad[1])(dy, ga, x, weight, A, B, act, s,
+                                                                                  True)
+    with pytest.raises(AssertionError, match="grad_A"):
+        check_backward((grads[0], grads_bad[1], grads[2]), dy, ga, x, weight, A, B, act, s)
+    with pytest.raises(AssertionError, match="grad_B"):
+        check_backward((grads[0], grads[1], grads_bad[2]), dy, ga, x, weight, A, B, act, s)
 
 
 def test_cpu_kernel_is_native():
@@ -223,10 +287,41 @@ def test_autocast_cpu_bf16():
         y = slao_kernels.lora_linear(x, weight, b, A, B, s)
         base = torch.nn.functional.linear(x, weight, b)
     assert y.dtype == base.dtype == torch.bfloat16
-    pt, ref = reference_pair(reference.lora_linear_ref, x, weight, b, A, B, s, dt=torch.bfloat16)
+    pt, ref = reference_pair(reference.lora_linear_ref, x, weight, b, A, B, s, dt=torch.bfloat16,
+                             keep=FORWARD_ADAPTER)
     assert_close_to_ref(y, pt[0], ref[0], "autocast out")
     y.float().sum().backward()
     assert A.grad.dtype == torch.float32 and torch.isfinite(A.grad).all()
+
+
+def test_autocast_leaves_fp64_in_fp64():
+    """torch's autocast does not downcast fp64 (F.linear stays fp64); nor does lora_linear: the result and the
+    gradients are fp64 and equal the fp64 reference to fp64 rounding (1e-12 ≫ the ~1e-15 of a different
+    summation order on these magnitudes, ≪ the 4e-3 of a bf16 base)."""
+    x, weight, b, A, B, s = make_inputs(9, 24, 20, 4, torch.float64, torch.float64, lead=(2,))
+    A.requires_grad_(True)
+    B.requires_grad_(True)
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dtype):
+            y = slao_kernels.lora_linear(x, weight, b, A, B, s)
+            base = torch.nn.functional.linear(x, weight, b)
+        assert y.dtype == base.dtype == torch.float64
+        torch.testing.assert_close(y, reference.lora_linear_ref(x, weight, b, A, B, s)[0], rtol=0, atol=1e-12)
+        gA, gB = torch.autograd.grad(y.square().sum(), (A, B))
+        y_e = reference.lora_linear_eager(x, weight, b, A, B, s)
+        eA, eB = torch.autograd.grad(y_e.square().sum(), (A, B))
+        assert gA.dtype == gB.dtype == torch.float64
+        torch.testing.assert_close(gA, eA, rtol=0, atol=1e-12)
+        torch.testing.assert_close(gB, eB, rtol=0, atol=1e-12)
+
+
+def test_autocast_refuses_fp64_x_with_an_fp32_weight():
+    """Autocast keeps the fp64 x and casts the fp32 weight to bf16; the base GEMM cannot mix them
+    (F.linear raises too): a TypeError naming both, not a kernel crash or a silent cast."""
+    x, weight, b, A, B, s = make_inputs(4, 16, 12, 2, torch.float32, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match="x is torch.float64 and weight is torch.float32"):
+            slao_kernels.lora_linear(x.double(), weight, b, A, B, s)
 
 
 def test_zero_tokens_op():

@@ -399,13 +399,28 @@ torch.library.register_autograd("slao::lora_linear", _backward, setup_context=_s
 
 def _autocast_kernel(device_type: str):
     """Under autocast, run the base GEMM in the autocast dtype (as ``F.linear``
-    would) and keep the adapter in its own dtype: the kernels handle the mix."""
+    would) and keep the adapter in its own dtype: the kernels handle the mix.
+
+    Like torch's own autocast, fp64 tensors are left in fp64 (autocast casts
+    only the other floating dtypes); a base whose tensors then differ in dtype
+    (fp64 with anything else) is refused, as ``F.linear`` refuses it."""
 
     def kernel(x, weight, bias, lora_A, lora_B, scaling):
         dtype = torch.get_autocast_dtype(device_type)
+
+        def cast(t):
+            return t if t is None or t.dtype == torch.float64 else t.to(dtype)
+
+        x_c, w_c, b_c = cast(x), cast(weight), cast(bias)
+        mixed = [(name, t) for name, t in (("weight", w_c), ("bias", b_c)) if t is not None and t.dtype != x_c.dtype]
+        if mixed:
+            name, t = mixed[0]
+            raise TypeError(f"under autocast, x is {x.dtype} and {name} is "
+                            f"{weight.dtype if name == 'weight' else bias.dtype}: autocast keeps float64 and casts "
+                            f"the other to {dtype}, so the base GEMM would mix {x_c.dtype} and {t.dtype}; give x, "
+                            "weight and bias one dtype")
         with torch.autocast(device_type, enabled=False):
-            bias = bias.to(dtype) if bias is not None else None
-            return torch.ops.slao.lora_linear(x.to(dtype), weight.to(dtype), bias, lora_A, lora_B, scaling)
+            return torch.ops.slao.lora_linear(x_c, w_c, b_c, lora_A, lora_B, scaling)
 
     return kernel
 
