@@ -300,19 +300,16 @@ def cmd_run(args) -> int:
         f"{config.train.total_steps(len(tasks[0].train))} steps per task; writing to {out}")
     args.stage = "running"
     report = run_stream(model, tokenizer, tasks, config, out=out, progress=not args.quiet, log=log,
-                        extra_report={**extra, "model_load_s": load_s}, resume=args.resume)
-    from slao_kernels.io import save_peft_adapter
-
-    args.stage = "adapter"
-    save_peft_adapter(model, os.path.join(out, "adapter"),
-                      base_model_name_or_path=args.model or "HuggingFaceTB/SmolLM2-135M-Instruct")
+                        extra_report={**extra, "model_load_s": load_s}, resume=args.resume,
+                        base_model_name_or_path=args.model or "HuggingFaceTB/SmolLM2-135M-Instruct")
     args.stage = "done"
     print()
     print(format_report(report))
     print(f"\nreport   {os.path.join(out, 'report.json')}")
     for path in report.get("plots", []):
         print(f"plot     {path}")
-    print(f"adapter  {os.path.join(out, 'adapter')} (PEFT format)")
+    if report.get("adapter"):
+        print(f"adapter  {report['adapter']} (PEFT format)")
     print(f"total    {report['timings']['total_s'] + load_s:.0f} s")
     return 0
 

@@ -254,3 +254,48 @@ def test_resume_restores_frozen_adapters_and_replay_buffer(strategy, tokenizer, 
     resumed = run_stream(_model(tokenizer), tokenizer, _tasks(), config, out=str(tmp_path / "b"), resume=True,
                          **quiet)
     assert resumed["accuracy_matrix"] == whole["accuracy_matrix"] and resumed["losses"] == whole["losses"]
+
+
+@pytest.mark.parametrize("strategy,bad,message", [
+    ("inclora", {"tasks_begun": "2"}, "field 'tasks_begun' must be an int >= 0"),
+    ("inclora", {"tasks_begun": -1}, "field 'tasks_begun' must be an int >= 0"),
+    ("inclora", {"tasks_begun": True}, "field 'tasks_begun' must be an int >= 0"),
+    ("inclora", {"frozen_A_rows": 3}, r"frozen_A has shape \(3, 64\); the model needs \(-1, 64\)"),
+    ("lora_ga", {"drop": "weight"}, r"only in the model \['model.layers.0.self_attn.q_proj.weight'\]"),
+    ("seqlora", {"strategy": "inclora"}, "holds a 'inclora' checkpoint, not 'seqlora'"),
+])
+def test_a_malformed_strategy_checkpoint_is_refused_before_the_model_changes(strategy, bad, message, tokenizer,
+                                                                           tmp_path):
+    """Well-formed files (checksums right) whose content does not fit: refused, naming the field."""
+    from slao_kernels.io import save_checkpoint
+
+    model = _model(tokenizer)
+    patch_llama(model, LORA)
+    s = make_strategy(strategy, model)
+    s.attach(None, TrainConfig(), _tasks())
+    tensors = {k: v.detach().clone() for k, v in s._state_tensors().items()}
+    meta = {"strategy": strategy, **s._state_meta()}
+    if "frozen_A_rows" in bad:
+        first = next(iter(s.modules))
+        tensors[f"{first}.frozen_A"] = torch.zeros(bad["frozen_A_rows"], 64)
+        tensors[f"{first}.frozen_B"] = torch.zeros(64, bad["frozen_A_rows"])
+    elif "drop" in bad:
+        tensors.pop(f"{next(iter(s.modules))}.weight")
+    else:
+        meta.update(bad)
+    save_checkpoint(str(tmp_path), {k: v + 1.0 for k, v in tensors.items()}, meta)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        s.load(str(tmp_path))
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("strategy,exported", [("seqlora", True), ("inclora", False)])
+def test_the_run_exports_a_peft_adapter_only_when_the_result_is_one_adapter(strategy, exported, tokenizer, tmp_path):
+    config = RunConfig(lora=LORA, train=TrainConfig(steps=1, batch_size=4, lr=1e-2), eval_batch_size=8,
+                       strategy=strategy)
+    report = run_stream(_model(tokenizer), tokenizer, _tasks()[:2], config, out=str(tmp_path), progress=False,
+                        log=lambda s: None)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists() == exported
+    assert ("adapter" in report) == exported

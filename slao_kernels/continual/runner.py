@@ -9,7 +9,8 @@ last consistent state, never a torn file)::
                                 with failed_task, or "complete") — rewritten after every task
     checkpoint/                 the strategy's state after the last finished task (SLAO: SLAO.load),
                                 with the run's record of every finished task: the commit point
-    adapter/                    the final adapter in PEFT format (written last)
+    adapter/                    the final adapter in PEFT format (written last; only for strategies whose
+                                result is one adapter over the original base: slao, seqlora, multitask)
     accuracy_matrix.png         heatmap of R (with matplotlib installed)
     accuracy_over_time.png      accuracy of every task after each training stage
 """
@@ -290,8 +291,13 @@ def run_stream(model: nn.Module, tokenizer, tasks: Sequence[Task], config: RunCo
 
             report["plots"] = plot_report(report, out, log=log)
             _stage("plots", len(tasks))
-            save_peft_adapter(model, os.path.join(out, "adapter"), base_model_name_or_path=base_model_name_or_path)
-            report["adapter"] = os.path.join(out, "adapter")
+            if strategy.single_adapter:
+                save_peft_adapter(model, os.path.join(out, "adapter"),
+                                  base_model_name_or_path=base_model_name_or_path)
+                report["adapter"] = os.path.join(out, "adapter")
+            else:
+                log(f"no PEFT adapter written: {config.strategy}'s result is not one adapter over the "
+                    "original base weights (the checkpoint holds it)")
             _stage("adapter", len(tasks))
         report["status"] = "complete"
         save_report()

@@ -48,6 +48,9 @@ class Strategy:
     """Base class: subclasses override the hooks they need."""
 
     name = "strategy"
+    single_adapter = True
+    """Whether the strategy's result is the one adapter in the model over the original base weights
+    (what the PEFT format holds); False where frozen adapters or merged base weights are part of it."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -110,17 +113,36 @@ class Strategy:
         from slao_kernels.io import load_checkpoint
 
         meta, tensors = load_checkpoint(directory)
+        self._check_checkpoint(directory, meta, tensors)  # everything, before anything is restored
         self._restore(directory, meta, tensors)
 
-    def _restore(self, directory: str, meta: dict, tensors: dict) -> None:
-        """Put a loaded checkpoint's state in place; subclasses add their own parts."""
+    def _check_checkpoint(self, directory: str, meta: dict, tensors: dict) -> None:
+        """Raise ``ValueError`` naming the field unless the checkpoint is this strategy's and fits
+        the model: the same tensors as :meth:`_state_tensors` with their shapes (frozen adapters:
+        any number of rank-r blocks), and the fields of :meth:`_state_meta`."""
         if meta.get("strategy") != self.name:
             raise ValueError(f"{directory} holds a {meta.get('strategy')!r} checkpoint, not {self.name!r}")
-        for n, m in self.modules.items():
-            for f in ("lora_A", "lora_B"):
-                t = tensors.get(f"{n}.{f}")
-                if t is None or t.shape != getattr(m, f).shape:
-                    raise ValueError(f"{directory}: {n}.{f} is missing or has another shape than the model's")
+        ours = self._state_tensors()
+        if set(tensors) != set(ours):
+            raise ValueError(f"{directory}: tensors only in the checkpoint {sorted(set(tensors) - set(ours))[:3]}, "
+                             f"only in the model {sorted(set(ours) - set(tensors))[:3]}")
+        for key, t in ours.items():
+            got, want = tuple(tensors[key].shape), tuple(t.shape)
+            module, _, factor = key.rpartition(".")
+            if factor in ("frozen_A", "frozen_B"):  # k·r stacked adapters: k comes from the checkpoint
+                frozen_rank = tensors[f"{module}.frozen_A"].shape[0]
+                if frozen_rank % self.modules[module].rank:
+                    frozen_rank = -1  # not a whole number of adapters: refused below
+                want = (frozen_rank, t.shape[1]) if factor == "frozen_A" else (t.shape[0], frozen_rank)
+            if got != want:
+                raise ValueError(f"{directory}: tensor {key} has shape {got}; the model needs {want}")
+        if "tasks_begun" in self._state_meta():
+            n = meta.get("tasks_begun")
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"{directory}: field 'tasks_begun' must be an int >= 0, got {n!r}")
+
+    def _restore(self, directory: str, meta: dict, tensors: dict) -> None:
+        """Put a checked checkpoint's state in place; subclasses add their own parts."""
         with torch.no_grad():
             for n, m in self.modules.items():
                 m.lora_A.copy_(tensors[f"{n}.lora_A"])
@@ -180,6 +202,7 @@ class IncLoRA(Strategy):
     """A new LoRA per task; the earlier ones stay, frozen, and add up (memory O(T))."""
 
     name = "inclora"
+    single_adapter = False  # the frozen adapters are part of the result
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -207,7 +230,7 @@ class IncLoRA(Strategy):
         for n, m in self.modules.items():
             m.frozen_A = tensors[f"{n}.frozen_A"].to(m.lora_A)
             m.frozen_B = tensors[f"{n}.frozen_B"].to(m.lora_B)
-        self.tasks_begun = int(meta["tasks_begun"])
+        self.tasks_begun = meta["tasks_begun"]
 
 
 class OLoRA(IncLoRA):
@@ -255,6 +278,8 @@ class _MergedInit(Strategy):
     """A fresh adapter per task from a gradient-based init, with the base-weight
     correction ``W0 ← W0 − s·B·A`` (the model's output is unchanged at step 0);
     after training it is merged into the base weights (``W ← W + s·B·A``)."""
+
+    single_adapter = False  # the result is in the base weights
 
     def __init__(self, model: nn.Module, grad_batches: int = 4, max_gradient_bytes: int | None = None,
                  seed: int = 0):
@@ -313,7 +338,7 @@ class _MergedInit(Strategy):
         with torch.no_grad():
             for n, m in self.modules.items():
                 m.weight.copy_(tensors[f"{n}.weight"])
-        self.tasks_begun = int(meta["tasks_begun"])
+        self.tasks_begun = meta["tasks_begun"]
 
 
 class LoRAGA(_MergedInit):
@@ -410,12 +435,24 @@ class SLICE(_MergedInit):
         buffer = [[t.name, index[t.name][id(r)]] for t, r in self.buffer]  # rows by position, not copies
         return {**super()._state_meta(), "buffer": buffer}
 
-    def _restore(self, directory: str, meta: dict, tensors: dict) -> None:
+    def _check_checkpoint(self, directory: str, meta: dict, tensors: dict) -> None:
+        super()._check_checkpoint(directory, meta, tensors)
         by_name = {t.name: t for t in self.tasks}
-        missing = sorted({name for name, _ in meta["buffer"]} - set(by_name))
-        if missing:  # checked before anything is restored
+        buffer = meta.get("buffer")
+        if not isinstance(buffer, list) or not all(
+                isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and isinstance(e[1], int)
+                and not isinstance(e[1], bool) for e in buffer):
+            raise ValueError(f"{directory}: field 'buffer' must be a list of [task name, row index] pairs")
+        missing = sorted({name for name, _ in buffer} - set(by_name))
+        if missing:
             raise ValueError(f"{directory}: the replay buffer holds rows of tasks {missing} this run does not have")
+        outside = [(name, i) for name, i in buffer if not 0 <= i < len(by_name[name].train)]
+        if outside:
+            raise ValueError(f"{directory}: the replay buffer names rows {outside[:3]} its tasks do not have")
+
+    def _restore(self, directory: str, meta: dict, tensors: dict) -> None:
         super()._restore(directory, meta, tensors)
+        by_name = {t.name: t for t in self.tasks}
         self.buffer = [(by_name[name], by_name[name].train[i]) for name, i in meta["buffer"]]
 
 
