@@ -143,9 +143,12 @@ def orthonormalize_rows_ref(A):
 def orthonormalize_rows_inplace_ref(A):
     """``slao::orthonormalize_rows_``: :func:`orthonormalize_rows_ref` of each (r, n)
     matrix of the list, written back into it; returns ``rank_deficient`` (on A[0]'s device)."""
-    flags = []
-    for M in A:
-        Q, deficient = orthonormalize_rows_ref(M.unsqueeze(0))
+    for i, M in enumerate(A):  # every check before the first write
+        if not torch.isfinite(M).all():
+            raise ValueError(f"orthonormalize_rows_: A[{i}] holds NaN or Inf values; it has no orthonormal row "
+                             "basis (nothing was written)")
+    results = [orthonormalize_rows_ref(M.unsqueeze(0)) for M in A]
+    for M, (Q, _) in zip(A, results):
         M.copy_(Q.squeeze(0))
-        flags.append(deficient)
+    flags = [deficient for _, deficient in results]
     return torch.cat(flags) if flags else torch.zeros((0,), dtype=torch.bool)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import slao_kernels
-from slao_kernels.reference import orthonormalize_rows_ref
+from slao_kernels.reference import orthonormalize_rows_inplace_ref, orthonormalize_rows_ref
 
 
 def with_condition(b, r, n, cond, dtype=torch.float32, seed=0):
@@ -225,6 +225,9 @@ def test_non_finite_input_is_refused_naming_the_matrix(bad, dtype):
         torch.testing.assert_close(w, a, rtol=0, atol=0, equal_nan=True)  # untouched, NaN included
     with pytest.raises(ValueError, match=r"A\[1\] holds NaN or Inf"):
         orthonormalize_rows_ref(A)
+    with pytest.raises(ValueError, match=r"A\[1\] holds NaN or Inf.*nothing was written"):
+        orthonormalize_rows_inplace_ref(work)  # the CPU kernel when the C++ build is missing
+    torch.testing.assert_close(work[0], A[0], rtol=0, atol=0)
 
 
 def duplicated_row_matrices(dtype):

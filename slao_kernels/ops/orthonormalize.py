@@ -188,7 +188,8 @@ def _check_finite(matrices, op: str) -> None:
     finite = torch.stack([torch.isfinite(M).all() for M in matrices]).cpu()
     if not finite.all():
         i = int(torch.nonzero(~finite)[0, 0])
-        raise ValueError(f"{op}: A[{i}] holds NaN or Inf values; it has no orthonormal row basis")
+        written = " (nothing was written)" if op.endswith("_") else ""
+        raise ValueError(f"{op}: A[{i}] holds NaN or Inf values; it has no orthonormal row basis{written}")
 
 
 def _cuda(A):
