@@ -182,10 +182,13 @@ def orthonormalize_rows_triton(A):
 
 
 def _check_finite(matrices, op: str) -> None:
-    """ValueError naming the first matrix that holds NaN or ±Inf (one device sync)."""
-    if not matrices:
+    """ValueError naming the first matrix (of a list or a batch) that holds NaN or ±Inf (one device sync)."""
+    if len(matrices) == 0:
         return
-    finite = torch.stack([torch.isfinite(M).all() for M in matrices]).cpu()
+    if isinstance(matrices, torch.Tensor):  # a (b, r, n) batch: one reduction
+        finite = torch.isfinite(matrices).flatten(1).all(1).cpu()
+    else:
+        finite = torch.stack([torch.isfinite(M).all() for M in matrices]).cpu()
     if not finite.all():
         i = int(torch.nonzero(~finite)[0, 0])
         written = " (nothing was written)" if op.endswith("_") else ""
@@ -193,7 +196,7 @@ def _check_finite(matrices, op: str) -> None:
 
 
 def _cuda(A):
-    _check_finite(list(A.unbind(0)), "orthonormalize_rows")
+    _check_finite(A, "orthonormalize_rows")
     if A.shape[1] > TRITON_MAX_RANK or A.dtype == torch.float64:
         return reference.orthonormalize_rows_ref(A)
     return orthonormalize_rows_triton(A)
