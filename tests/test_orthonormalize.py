@@ -310,3 +310,19 @@ def test_triton_low_precision_inputs(dtype):
     Q, _ = orthonormalize_rows_triton(A)
     assert Q.dtype == dtype
     assert (Q.double().cpu() - orthonormalize_rows_ref(A.double().cpu())[0]).abs().amax() <= torch.finfo(dtype).eps
+
+
+def test_cuda_entry_points_refuse_non_finite_before_writing():
+    """The CUDA registrations (here on KERNEL_DEVICE) check every matrix before the first launch or write."""
+    from slao_kernels.ops.orthonormalize import _cuda, _cuda_inplace
+
+    A = torch.randn(3, 4, 40, device=KERNEL_DEVICE)
+    A[2, 1, 5] = float("inf")
+    with pytest.raises(ValueError, match=r"orthonormalize_rows: A\[2\] holds NaN or Inf"):
+        _cuda(A)
+    work = [torch.randn(4, 40, device=KERNEL_DEVICE), torch.randn(4, 20, device=KERNEL_DEVICE), A[2].clone()]
+    before = [w.clone() for w in work]
+    with pytest.raises(ValueError, match=r"orthonormalize_rows_: A\[2\] holds NaN or Inf.*nothing was written"):
+        _cuda_inplace(work)
+    for w, b in zip(work, before):
+        torch.testing.assert_close(w, b, rtol=0, atol=0)
