@@ -17,7 +17,7 @@ Public API:
 
 from slao_kernels._ops import NATIVE_CPU
 from slao_kernels.continual import SLAO
-from slao_kernels.io import load_peft_adapter, save_peft_adapter
+from slao_kernels.peft_format import load_peft_adapter, save_peft_adapter
 from slao_kernels.nn import LoRALinear
 from slao_kernels.ops.lora_linear import lora_linear
 from slao_kernels.ops.orthonormalize import orthonormalize_rows, orthonormalize_rows_

@@ -98,7 +98,7 @@ def _check_output_file(flag: str, path: str | None) -> None:
 def cmd_bench(args) -> int:
     """``slao bench``: lora_linear and the task-switch ops timed against torch on this machine."""
     from slao_kernels import bench
-    from slao_kernels.io import write_json_atomic
+    from slao_kernels._files import write_json_atomic
 
     _check_output_file("--json", args.json)
     device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
@@ -361,7 +361,7 @@ _ONE_ADAPTER = ("slao", "seqlora", "multitask")
 
 def _run_checkpoint(run_dir: str, report: dict, action: str):
     """``(meta, tensors)`` of the run's checkpoint, verified, before any model is loaded."""
-    from slao_kernels.io import load_checkpoint
+    from slao_kernels.continual.checkpoint import load_checkpoint
 
     strategy = report["config"]["strategy"]
     if strategy not in _ONE_ADAPTER:
@@ -442,7 +442,7 @@ def cmd_eval(args) -> int:
     mean = sum(v["accuracy"] for v in results.values()) / len(results)
     print(f"{'mean':24s} {mean:.3f}")
     if args.json:
-        from slao_kernels.io import write_json_atomic
+        from slao_kernels._files import write_json_atomic
 
         write_json_atomic(args.json, {"run": os.path.abspath(args.run), "tasks_trained": meta.get("task_index"),
                                       "results": results, "mean_accuracy": mean})
@@ -452,7 +452,7 @@ def cmd_eval(args) -> int:
 
 def cmd_export(args) -> int:
     """``slao export``: the run's adapter in PEFT's format."""
-    from slao_kernels.io import save_peft_adapter
+    from slao_kernels.peft_format import save_peft_adapter
 
     if not args.peft:
         raise UsageError("export needs a destination: --peft DIR")

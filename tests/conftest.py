@@ -94,3 +94,55 @@ def interrupted_at_task(task: int):
         patch.setattr(runner, "train_task", train)
         with pytest.raises(KeyboardInterrupt) as interrupt:
             yield interrupt  # after the block: .value is the exception run_stream raised
+
+
+# --------------------------------------------------------------------------- SLAO state helpers
+
+
+def fake_finetune(slao, task, seed_offset=0):
+    """Stand-in for training: move every adapter factor by a task-specific amount."""
+    g = torch.Generator().manual_seed(1000 * task + seed_offset)
+    with torch.no_grad():
+        for p in slao.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def run_tasks(slao, tasks):
+    """``begin_task`` / :func:`fake_finetune` / ``end_task`` for each task number in ``tasks``."""
+    for i in tasks:
+        slao.begin_task()
+        fake_finetune(slao, i)
+        slao.end_task()
+
+
+def patched_model(rank=4, targets=("q_proj", "v_proj"), **model_kw):
+    """A tiny Llama with adapters of ``rank`` on ``targets``."""
+    from slao_kernels import LoRAConfig, patch_llama
+
+    model = tiny_model(**model_kw)
+    patch_llama(model, LoRAConfig(rank=rank, targets=targets))
+    return model
+
+
+def snapshot(model):
+    """A copy of every tensor of the model's state dict."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def unchanged(model, snap):
+    """Whether the model's state dict still equals :func:`snapshot`'s copy, bit for bit."""
+    return all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+
+
+class Crash(Exception):
+    """A failure injected into a file-system step (a full disk, a dying process)."""
+
+
+def tree(root):
+    """{relative path: bytes} of every file under root (hidden ones included)."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            out[os.path.relpath(p, root)] = open(p, "rb").read()
+    return out

@@ -113,7 +113,7 @@ def test_a_run_killed_at_any_step_resumes_to_the_uninterrupted_result(stage, tas
 def test_a_kill_between_checkpoint_and_report_does_not_train_the_task_again(tmp_path, tokenizer, monkeypatch):
     """The reported bug: the report lagging the checkpoint by one task made the resumed run train that
     task a second time. Killed inside the report write that follows task 2's checkpoint."""
-    from slao_kernels import io
+    from slao_kernels import _files as io
 
     trained = _counting_training(monkeypatch)
     real, writes = io.write_json_atomic, []

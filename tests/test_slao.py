@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import fake_finetune, tiny_model
 
 import slao_kernels
 from slao_kernels import SLAO, LoRAConfig, patch_llama
@@ -17,14 +17,6 @@ def patched(**kw):
     model = tiny_model()
     patch_llama(model, LoRAConfig(rank=4, targets=("q_proj", "v_proj")))
     return model, SLAO(model, **kw)
-
-
-def fake_finetune(slao, task, seed_offset=0):
-    """Stand-in for training: move every adapter factor by a task-specific amount."""
-    g = torch.Generator().manual_seed(1000 * task + seed_offset)
-    with torch.no_grad():
-        for p in slao.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 def sign_fixed_q_t(A):

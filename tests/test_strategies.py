@@ -267,7 +267,7 @@ def test_resume_restores_frozen_adapters_and_replay_buffer(strategy, tokenizer, 
 def test_a_malformed_strategy_checkpoint_is_refused_before_the_model_changes(strategy, bad, message, tokenizer,
                                                                            tmp_path):
     """Well-formed files (checksums right) whose content does not fit: refused, naming the field."""
-    from slao_kernels.io import save_checkpoint
+    from slao_kernels.continual.checkpoint import save_checkpoint
 
     model = _model(tokenizer)
     patch_llama(model, LORA)

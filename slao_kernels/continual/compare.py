@@ -121,7 +121,7 @@ def collect_runs(out: str, order: Sequence[str] = ()) -> dict[str, list[dict]]:
 
 def write_summary(summary: dict, out: str, extra: dict | None = None, log: Callable[[str], None] = print) -> dict:
     """Write results.json, results.md and the plots of a :func:`summarize` result into ``out``."""
-    from slao_kernels.io import write_atomic, write_json_atomic
+    from slao_kernels._files import write_atomic, write_json_atomic
 
     write_json_atomic(os.path.join(out, "results.json"), {**summary, **(extra or {})})
     table = format_summary(summary)
@@ -181,7 +181,7 @@ def plot_summary(summary: dict, out: str, log: Callable[[str], None] = print) ->
     except ImportError:
         log("matplotlib is not installed: no plots")
         return []
-    from slao_kernels.io import write_atomic
+    from slao_kernels._files import write_atomic
 
     specs = list(summary["strategies"])
     paths = []

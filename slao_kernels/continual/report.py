@@ -50,7 +50,7 @@ def plot_report(report: dict, out: str, log: Callable[[str], None] = print) -> l
     except ImportError:
         log("matplotlib is not installed: no plots (pip install matplotlib)")
         return []
-    from slao_kernels.io import write_atomic
+    from slao_kernels._files import write_atomic
 
     names, R = report["tasks"], report["accuracy_matrix"]
     paths = []

@@ -122,7 +122,7 @@ def _resume_state(out: str, names: list[str], config: dict) -> dict | None:
 
     The checkpoint is the commit point of every task; report.json is derived from it and may lag by one
     task (a kill between the two writes), never lead. Anything else is refused."""
-    from slao_kernels.io import load_checkpoint
+    from slao_kernels.continual.checkpoint import load_checkpoint
 
     report_path, checkpoint = os.path.join(out, "report.json"), os.path.join(out, "checkpoint")
     report = None
@@ -216,7 +216,7 @@ def run_stream(model: nn.Module, tokenizer, tasks: Sequence[Task], config: RunCo
 
         def save_report() -> None:
             if out is not None:
-                from slao_kernels.io import write_json_atomic
+                from slao_kernels._files import write_json_atomic
 
                 write_json_atomic(os.path.join(out, "report.json"), report)
 
@@ -287,7 +287,7 @@ def run_stream(model: nn.Module, tokenizer, tasks: Sequence[Task], config: RunCo
         report["timings"]["total_s"] = time.perf_counter() - start  # of this process: after a resume, the rest
         if out is not None:
             from slao_kernels.continual.report import plot_report
-            from slao_kernels.io import save_peft_adapter
+            from slao_kernels.peft_format import save_peft_adapter
 
             report["plots"] = plot_report(report, out, log=log)
             _stage("plots", len(tasks))

@@ -341,7 +341,7 @@ class SLAO:
 
     def save(self, directory: str, metadata: dict | None = None) -> str:
         """Checkpoint the adapter and the controller state between tasks (crash-safe,
-        see :mod:`slao_kernels.io`). Returns the path of ``slao.json``.
+        see :mod:`slao_kernels.continual.checkpoint`). Returns the path of ``slao.json``.
 
         ``metadata``: a JSON object of the caller's (a training loop's step count, a
         runner's record of the finished tasks), stored in ``slao.json`` under
@@ -352,7 +352,8 @@ class SLAO:
         and every rank returns once the files are in place.
         """
         from slao_kernels import __version__
-        from slao_kernels.io import refuse_non_finite, save_checkpoint, validate_slao_meta
+        from slao_kernels._files import refuse_non_finite
+        from slao_kernels.continual.checkpoint import save_checkpoint, validate_slao_meta
 
         if self.in_task:
             raise RuntimeError(f"save(): task {self.task_index} is in progress; checkpoint after end_task()")
@@ -386,7 +387,7 @@ class SLAO:
         Works at any world size: call it on every rank, after wrapping or
         sharding the model; each rank reads the file and keeps the rows it holds.
         """
-        from slao_kernels.io import load_checkpoint, validate_slao_meta
+        from slao_kernels.continual.checkpoint import load_checkpoint, validate_slao_meta
 
         meta, tensors = load_checkpoint(directory)  # checksums, shapes, finiteness
         state = validate_slao_meta(meta, tensors, where=f"SLAO checkpoint {os.path.join(directory, 'slao.json')}")

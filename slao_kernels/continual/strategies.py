@@ -93,7 +93,7 @@ class Strategy:
 
     def save(self, directory: str, metadata: dict | None = None) -> None:
         """Checkpoint the adapter state (crash-safe); ``metadata`` (JSON) is stored with it."""
-        from slao_kernels.io import save_checkpoint
+        from slao_kernels.continual.checkpoint import save_checkpoint
 
         meta = {"strategy": self.name, **self._state_meta()}
         if metadata is not None:
@@ -110,7 +110,7 @@ class Strategy:
 
     def load(self, directory: str) -> None:
         """Restore the state written by :meth:`save` (verified before the model is touched)."""
-        from slao_kernels.io import load_checkpoint
+        from slao_kernels.continual.checkpoint import load_checkpoint
 
         meta, tensors = load_checkpoint(directory)
         self._check_checkpoint(directory, meta, tensors)  # everything, before anything is restored
