@@ -13,10 +13,16 @@ Public API:
   save_peft_adapter   write the adapter in PEFT's format (loads in PEFT and vLLM)
   load_peft_adapter   read a PEFT-format LoRA adapter into a model
   NATIVE_CPU          whether the C++ CPU kernels are loaded
+  __version__         the installed package's version (``slao_kernels._version``)
+
+Layers flow one way (cli -> continual -> nn/patching -> ops -> kernels): this module
+imports only the layers below the continual engine. ``SLAO`` is loaded on first use
+(module ``__getattr__``), so ``import slao_kernels`` neither imports
+``slao_kernels.continual`` nor transformers.
 """
 
 from slao_kernels._ops import NATIVE_CPU
-from slao_kernels.continual import SLAO
+from slao_kernels._version import __version__
 from slao_kernels.peft_format import load_peft_adapter, save_peft_adapter
 from slao_kernels.nn import LoRALinear
 from slao_kernels.ops.lora_linear import lora_linear
@@ -24,8 +30,25 @@ from slao_kernels.ops.orthonormalize import orthonormalize_rows, orthonormalize_
 from slao_kernels.ops.scaled_merge import scaled_merge_
 from slao_kernels.patching import LoRAConfig, patch_llama, revert
 
-__version__ = "0.1.0"
-
 __all__ = ["NATIVE_CPU", "SLAO", "LoRAConfig", "LoRALinear", "__version__", "lora_linear", "orthonormalize_rows",
            "orthonormalize_rows_",
            "load_peft_adapter", "patch_llama", "revert", "save_peft_adapter", "scaled_merge_"]
+
+# Names of the continual engine the root exposes, loaded on first access: name -> module.
+_LAZY = {"SLAO": "slao_kernels.continual.slao"}
+
+
+def __getattr__(name):
+    """The continual names of :data:`_LAZY`, imported on first access."""
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip __getattr__
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    """The module's names, the lazily loaded ones included."""
+    return sorted(set(globals()) | set(_LAZY))

@@ -29,6 +29,7 @@ __all__ = ["ORDERS", "STRATEGIES", "SLAO", "Example", "PromptEncoder", "RunConfi
 
 
 def __getattr__(name):
+    """``SLAOCallback``, imported on first access (it imports transformers)."""
     if name == "SLAOCallback":  # imports transformers: only when asked for
         from slao_kernels.continual.callback import SLAOCallback
 

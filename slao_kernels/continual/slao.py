@@ -351,8 +351,8 @@ class SLAO:
         run every rank must call it (sharded tensors are gathered); rank 0 writes,
         and every rank returns once the files are in place.
         """
-        from slao_kernels import __version__
         from slao_kernels._files import refuse_non_finite
+        from slao_kernels._version import __version__
         from slao_kernels.continual.checkpoint import save_checkpoint, validate_slao_meta
 
         if self.in_task:
