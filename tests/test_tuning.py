@@ -1,0 +1,188 @@
+"""Runtime selection (slao_kernels.ops.tuning) with injected timings, and the candidates of
+lora_linear's big products against the reference (Triton in the interpreter on CPU)."""
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import KERNEL_DEVICE, assert_close_to_ref
+
+from slao_kernels.ops import tuning
+from slao_kernels.ops.lora_linear_candidates import base_then_update, composed, lowrank_update
+from slao_kernels.ops.tuning import Candidate, Tuner, m_bucket, problem_key
+
+KEY = problem_key("op", (torch.bfloat16, torch.float32), 4096, 4096, 16, 8192)
+
+
+class Clock:
+    """An injected timer: each candidate takes the seconds given for its name; records who was timed."""
+
+    def __init__(self, seconds):
+        self.seconds, self.timed = seconds, []
+
+    def __call__(self, run):
+        name = run()
+        self.timed.append(name)
+        return self.seconds[name]
+
+
+def options(*names, fail=()):
+    def run(name):
+        def f():
+            if name in fail:
+                raise RuntimeError(f"{name} does not compile here")
+            return name
+        return f
+    return [Candidate(n, run(n)) for n in names]
+
+
+@pytest.fixture
+def tune_mode(monkeypatch):
+    def set_mode(value):
+        monkeypatch.setenv(tuning.ENV_MODE, value)
+    set_mode("on")
+    return set_mode
+
+
+def test_keys_bucket_m_by_powers_of_two():
+    assert [m_bucket(m) for m in (0, 1, 2, 3, 8, 9, 8192, 8193)] == [1, 1, 2, 4, 8, 16, 8192, 16384]
+    assert KEY == "op|bfloat16,float32|N=4096|K=4096|R=16|M<=8192"
+    assert problem_key("op", (torch.bfloat16, torch.float32), 4096, 4096, 16, 5000) == KEY
+
+
+def test_the_fastest_candidate_wins_and_is_remembered_on_disk(tmp_path, tune_mode):
+    clock = Clock({"fused": 3.0, "cublas+update": 1.0, "torch": 2.0})
+    t = Tuner("NVIDIA H200", timer=clock, directory=str(tmp_path))
+    assert t.choose(KEY, options("fused", "cublas+update", "torch")).name == "cublas+update"
+    assert sorted(clock.timed) == ["cublas+update", "fused", "torch"]
+    assert t.choose(KEY, options("fused", "cublas+update", "torch")).name == "cublas+update"
+    assert len(clock.timed) == 3  # timed once per key
+    saved = json.loads((tmp_path / "NVIDIA_H200.json").read_text())
+    assert saved == {"format": tuning.FILE_FORMAT, "device": "NVIDIA H200", "choices": {KEY: "cublas+update"}}
+    never = Tuner("NVIDIA H200", timer=lambda run: pytest.fail("timed again"), directory=str(tmp_path))
+    assert never.choose(KEY, options("fused", "cublas+update", "torch")).name == "cublas+update"
+
+
+def test_a_failing_candidate_is_dropped_with_one_warning(tmp_path, tune_mode):
+    clock = Clock({"fused": 0.5, "torch": 2.0})
+    t = Tuner("gpu", timer=clock, directory=str(tmp_path))
+    with pytest.warns(RuntimeWarning, match="candidate 'fused' of op failed on gpu and is skipped"):
+        assert t.choose(KEY, options("fused", "torch", fail=("fused",))).name == "torch"
+    other = problem_key("op", (torch.float16,), 1, 1, 1, 1)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same candidate of the same op failing again: no second warning
+        assert t.choose(other, options("fused", "torch", fail=("fused",))).name == "torch"
+    with pytest.raises(RuntimeError, match="every candidate"), pytest.warns(RuntimeWarning):
+        Tuner("gpu2", timer=clock, directory=str(tmp_path)).choose(KEY, options("fused", fail=("fused",)))
+
+
+def test_off_uses_the_heuristic_without_timing_or_files(tmp_path, tune_mode):
+    tune_mode("off")
+    t = Tuner("gpu", timer=lambda run: pytest.fail("timed"), directory=str(tmp_path))
+    assert t.choose(KEY, options("fused", "torch")).name == "fused"
+    assert os.listdir(tmp_path) == []
+
+
+def test_cached_uses_only_the_file_and_never_times(tmp_path, tune_mode):
+    Tuner("gpu", timer=Clock({"fused": 2.0, "torch": 1.0}), directory=str(tmp_path)).choose(
+        KEY, options("fused", "torch"))
+    tune_mode("cached")
+    t = Tuner("gpu", timer=lambda run: pytest.fail("timed"), directory=str(tmp_path))
+    assert t.choose(KEY, options("fused", "torch")).name == "torch"  # from the file
+    other = problem_key("op", (torch.float16,), 8, 8, 8, 8)
+    assert t.choose(other, options("fused", "torch")).name == "fused"  # not on disk: the heuristic
+    assert t.choose(KEY, options("fused", "torch"), allow_timing=True).name == "torch"
+    tune_mode("on")  # capture (allow_timing=False) acts as cached
+    assert t.choose(other, options("fused", "torch"), allow_timing=False).name == "fused"
+
+
+def test_a_corrupt_or_foreign_file_is_ignored_and_rewritten(tmp_path, tune_mode):
+    (tmp_path / "gpu.json").write_text("{not json")
+    t = Tuner("gpu", timer=Clock({"fused": 1.0, "torch": 2.0}), directory=str(tmp_path))
+    assert t.choose(KEY, options("fused", "torch")).name == "fused"
+    assert json.loads((tmp_path / "gpu.json").read_text())["choices"] == {KEY: "fused"}
+
+
+def test_two_processes_keep_each_others_choices(tmp_path, tune_mode):
+    a = Tuner("gpu", timer=Clock({"x": 1.0, "torch": 2.0}), directory=str(tmp_path))
+    b = Tuner("gpu", timer=Clock({"x": 2.0, "torch": 1.0}), directory=str(tmp_path))
+    a.choices(), b.choices()  # both read the (empty) file first
+    other = problem_key("op2", (torch.float16,), 8, 8, 8, 8)
+    a.choose(KEY, options("x", "torch"))
+    b.choose(other, options("x", "torch"))
+    assert json.loads((tmp_path / "gpu.json").read_text())["choices"] == {KEY: "x", other: "torch"}
+
+
+def test_a_stale_choice_no_longer_offered_is_timed_again(tmp_path, tune_mode):
+    (tmp_path / "gpu.json").write_text(json.dumps({"format": tuning.FILE_FORMAT, "choices": {KEY: "fused:gone"}}))
+    clock = Clock({"fused": 1.0, "torch": 2.0})
+    assert Tuner("gpu", timer=clock, directory=str(tmp_path)).choose(KEY, options("fused", "torch")).name == "fused"
+    assert sorted(clock.timed) == ["fused", "torch"]
+
+
+def test_a_bad_mode_is_refused_naming_the_variable(tune_mode):
+    tune_mode("sometimes")
+    with pytest.raises(ValueError, match=r"SLAO_KERNELS_TUNE must be one of \('on', 'off', 'cached'\)"):
+        tuning.mode()
+
+
+def test_an_unwritable_cache_warns_and_keeps_the_choice_in_memory(tmp_path, tune_mode):
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    t = Tuner("gpu", timer=Clock({"fused": 1.0, "torch": 2.0}), directory=str(blocked / "sub"))
+    with pytest.warns(RuntimeWarning, match="could not write the tuning cache"):
+        assert t.choose(KEY, options("fused", "torch")).name == "fused"
+    assert t.choose(KEY, options("fused", "torch")).name == "fused"
+
+
+def test_the_cache_directory_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(tuning.ENV_CACHE_DIR, str(tmp_path / "mine"))
+    assert tuning.cache_dir() == str(tmp_path / "mine")
+    monkeypatch.delenv(tuning.ENV_CACHE_DIR)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert tuning.cache_dir() == str(tmp_path / "xdg" / "slao_kernels" / "tuning")
+
+
+# --------------------------------------------------------------------------- the candidates themselves
+
+
+def _product(M, N, K, R, dt, lora_dt, bias, dev=KERNEL_DEVICE):
+    x = torch.randn(M, K, device=dev).to(dt)
+    w = (torch.randn(N, K, device=dev) / K**0.5).to(dt)
+    p = torch.randn(M, R, device=dev)  # fp32, as the down-product kernel writes it
+    lt = (torch.randn(N, R, device=dev) / R**0.5).to(lora_dt)
+    b = torch.randn(N, device=dev).to(dt) if bias else None
+    return x, w, p, lt, 0.75, b
+
+
+def _want(x, w, p, lt, scale, b, dt):
+    """(torch in the input dtype with the rank-r factors as the kernels round them, fp64)."""
+    def f(d, pd):
+        out = x.to(d) @ w.to(d).t() + scale * (p.to(pd) @ lt.to(pd).t()).to(d)
+        return out + b.to(d) if b is not None else out
+    return f(dt, dt), f(torch.float64, torch.float64)
+
+
+@pytest.mark.parametrize("dt,lora_dt", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                        (torch.float16, torch.float16)])
+@pytest.mark.parametrize("R", [1, 16, 40])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("candidate", [base_then_update, composed], ids=["cublas+update", "torch"])
+def test_every_candidate_matches_the_reference(dt, lora_dt, R, bias, candidate):
+    x, w, p, lt, s, b = _product(37, 70, 48, R, dt, lora_dt, bias)
+    out = torch.empty(37, 70, dtype=dt, device=x.device)
+    candidate(x, w, p, lt, s, b, out)
+    pt, ref = _want(x, w, p, lt, s, b, dt)
+    assert_close_to_ref(out, pt, ref, candidate.__name__)
+
+
+def test_the_update_kernel_reads_and_writes_through_strides():
+    out = torch.randn(70, 37).t()  # a transposed (non-contiguous) output view
+    before = out.clone()
+    p, lt = torch.randn(37, 8), torch.randn(70, 8).t().contiguous().t()
+    lowrank_update(out, p, lt, 0.5)
+    torch.testing.assert_close(out, before + 0.5 * p @ lt.t(), rtol=1e-5, atol=1e-5)  # fp32 sums of 8 terms
+    assert torch.equal(lowrank_update(torch.empty(0, 5), torch.empty(0, 3), torch.empty(5, 3), 1.0),
+                       torch.empty(0, 5))
