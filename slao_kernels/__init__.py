@@ -23,12 +23,12 @@ imports only the layers below the continual engine. ``SLAO`` is loaded on first 
 
 from slao_kernels._ops import NATIVE_CPU
 from slao_kernels._version import __version__
-from slao_kernels.peft_format import load_peft_adapter, save_peft_adapter
 from slao_kernels.nn import LoRALinear
 from slao_kernels.ops.lora_linear import lora_linear
 from slao_kernels.ops.orthonormalize import orthonormalize_rows, orthonormalize_rows_
 from slao_kernels.ops.scaled_merge import scaled_merge_
 from slao_kernels.patching import LoRAConfig, patch_llama, revert
+from slao_kernels.peft_format import load_peft_adapter, save_peft_adapter
 
 __all__ = ["NATIVE_CPU", "SLAO", "LoRAConfig", "LoRALinear", "__version__", "lora_linear", "orthonormalize_rows",
            "orthonormalize_rows_",

@@ -1,5 +1,6 @@
-"""Every op schema of the ``slao`` namespace, its fake (meta) kernel, and the
-loading of the native CPU kernels.
+"""Every op schema of the ``slao`` namespace, its fake (meta) kernel, the
+loading of the native CPU kernels, and the one rule that registers each op's
+device kernels (:func:`register_kernels`).
 
 Device kernels live elsewhere: CUDA (Triton) in ``slao_kernels/ops/<op>.py``,
 CPU (C++) in ``csrc/`` registered with ``TORCH_LIBRARY_IMPL(slao, CPU, m)``.
@@ -114,3 +115,18 @@ def _load_native() -> bool:
 
 NATIVE_CPU: bool = _load_native()
 """True when the C++ CPU kernels are loaded, False when CPU ops use the reference."""
+
+
+def register_kernels(op: str, cuda_kernel, reference_kernel) -> None:
+    """Register the kernels of the ``slao::<op>`` schema by the one rule every op follows:
+
+    * CUDA → ``cuda_kernel`` (the Triton launcher of ``slao_kernels/ops/<op>.py``);
+    * CPU → the C++ kernel when the extension is built (it registered itself on
+      import, see :data:`NATIVE_CPU`), else ``reference_kernel``;
+    * any other device (MPS, XPU, ...) → ``reference_kernel``, registered as
+      ``CompositeExplicitAutograd``.
+    """
+    LIB.impl(op, cuda_kernel, "CUDA")
+    LIB.impl(op, reference_kernel, "CompositeExplicitAutograd")
+    if not NATIVE_CPU:
+        LIB.impl(op, reference_kernel, "CPU")

@@ -42,7 +42,7 @@ import triton.language as tl
 
 from slao_kernels import reference
 from slao_kernels._checks import check_frozen, check_lora_linear_args
-from slao_kernels._ops import LIB, NATIVE_CPU, act_dtype, compute_dtype
+from slao_kernels._ops import LIB, act_dtype, compute_dtype, register_kernels
 from slao_kernels.ops._triton import (
     DTYPE_PAIRS, RANK_BLOCKS, AotSpec, dot_acc, dot_dtype, gpu_dot_variants, rank_block,
 )
@@ -364,14 +364,8 @@ def _cuda_backward(grad_out, grad_act, x, weight, lora_A, lora_B, lora_act, scal
     return lora_linear_backward_triton(grad_out, grad_act, x, weight, lora_A, lora_B, lora_act, scaling, input_grad)
 
 
-LIB.impl("lora_linear", _cuda_forward, "CUDA")
-LIB.impl("lora_linear_backward", _cuda_backward, "CUDA")
-# Any other device (MPS, XPU, ...) runs the reference.
-LIB.impl("lora_linear", reference.lora_linear_ref, "CompositeExplicitAutograd")
-LIB.impl("lora_linear_backward", reference.lora_linear_backward_ref, "CompositeExplicitAutograd")
-if not NATIVE_CPU:
-    LIB.impl("lora_linear", reference.lora_linear_ref, "CPU")
-    LIB.impl("lora_linear_backward", reference.lora_linear_backward_ref, "CPU")
+register_kernels("lora_linear", _cuda_forward, reference.lora_linear_ref)
+register_kernels("lora_linear_backward", _cuda_backward, reference.lora_linear_backward_ref)
 
 
 def _setup_context(ctx, inputs, output):

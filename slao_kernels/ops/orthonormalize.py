@@ -50,7 +50,7 @@ import triton.language as tl
 
 from slao_kernels import reference
 from slao_kernels._checks import check_tensor
-from slao_kernels._ops import LIB, NATIVE_CPU
+from slao_kernels._ops import register_kernels
 from slao_kernels.ops._triton import AotSpec, rank_block
 
 ORTHO_TOL = tl.constexpr(1e-5)  # largest accepted max|QQᵀ − I|, as in csrc/orthonormalize.cpp
@@ -214,13 +214,8 @@ def _cuda_inplace(A):
     return deficient
 
 
-LIB.impl("orthonormalize_rows", _cuda, "CUDA")
-LIB.impl("orthonormalize_rows", reference.orthonormalize_rows_ref, "CompositeExplicitAutograd")
-LIB.impl("orthonormalize_rows_", _cuda_inplace, "CUDA")
-LIB.impl("orthonormalize_rows_", reference.orthonormalize_rows_inplace_ref, "CompositeExplicitAutograd")
-if not NATIVE_CPU:
-    LIB.impl("orthonormalize_rows", reference.orthonormalize_rows_ref, "CPU")
-    LIB.impl("orthonormalize_rows_", reference.orthonormalize_rows_inplace_ref, "CPU")
+register_kernels("orthonormalize_rows", _cuda, reference.orthonormalize_rows_ref)
+register_kernels("orthonormalize_rows_", _cuda_inplace, reference.orthonormalize_rows_inplace_ref)
 
 
 def aot_specs():

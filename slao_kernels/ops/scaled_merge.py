@@ -6,8 +6,8 @@ For every adapted layer i, in place::
 
 with ``λ = λ(t)`` of task t (SLAO: ``1/√t``), computed in fp32 (fp64 for
 fp64) as ``(1 − λ)·B_merge + λ·B_ft``: the same value, but exact at λ = 1
-(SLAO's first task sets ``B_merge = B_ft``) and at λ = 0. Shapes may differ per layer (q/k/v/o/gate/up/down); each pair shares a
-shape, dtype and device. Source: "Merge before Forget" (arXiv 2512.23017), the
+(SLAO's first task sets ``B_merge = B_ft``) and at λ = 0. Shapes may differ
+per layer (q/k/v/o/gate/up/down); each pair shares a shape, dtype and device. Source: "Merge before Forget" (arXiv 2512.23017), the
 B-merge step; DESIGN.md §1.
 
 CUDA design (Triton): one launch per dtype for all layers. The host builds a
@@ -30,7 +30,7 @@ import triton.language as tl
 
 from slao_kernels import reference
 from slao_kernels._checks import check_tensor
-from slao_kernels._ops import LIB, NATIVE_CPU
+from slao_kernels._ops import register_kernels
 from slao_kernels.ops._triton import AotSpec, dtype_of
 
 # --------------------------------------------------------------------------- kernel
@@ -126,10 +126,7 @@ def _cuda(merged, fine_tuned, lam, check_finite):
     return scaled_merge_triton(merged, fine_tuned, lam, check_finite)
 
 
-LIB.impl("scaled_merge_", _cuda, "CUDA")
-LIB.impl("scaled_merge_", reference.scaled_merge_ref, "CompositeExplicitAutograd")
-if not NATIVE_CPU:
-    LIB.impl("scaled_merge_", reference.scaled_merge_ref, "CPU")
+register_kernels("scaled_merge_", _cuda, reference.scaled_merge_ref)
 
 
 def aot_specs():
