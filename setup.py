@@ -1,4 +1,7 @@
-"""Build script for slao_kernels.
+"""The optional C++ build of slao_kernels.
+
+Package metadata (name, version, dependencies, extras, the ``slao`` command)
+lives in pyproject.toml; this file only adds the extension.
 
 The C++ CPU kernels in ``csrc/`` are compiled when torch's headers and a C++
 compiler are available (``pip install --no-build-isolation -e .``). Without
@@ -14,10 +17,10 @@ Environment switches:
 import os
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
-NAME = "slao_kernels"
-VERSION = "0.1.0"
+# The import name of the package the extension is built into (pyproject.toml's project.name).
+PACKAGE = "slao_kernels"
 
 
 def _extension_build():
@@ -41,7 +44,7 @@ def _extension_build():
     if os.environ.get("SLAO_PORTABLE") != "1":
         # Built where it runs (a source install), so use every vector unit this CPU has.
         cxx_flags.append("-march=native")
-    ext = CppExtension(f"{NAME}._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+    ext = CppExtension(f"{PACKAGE}._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
 
     class OptionalBuildExtension(BuildExtension):
         """Build the kernels, but never fail the install over them: the package
@@ -59,24 +62,4 @@ def _extension_build():
 
 ext_modules, cmdclass = _extension_build()
 
-setup(
-    name=NAME,
-    version=VERSION,
-    description="Triton and C++ kernels for continual learning of Llama models with one LoRA adapter (SLAO)",
-    long_description=open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read(),
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=find_packages(include=[NAME, f"{NAME}.*"]),
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    install_requires=["torch>=2.5", "triton>=3.1; platform_system == 'Linux'"],
-    extras_require={
-        # matplotlib draws the run's two plots (heatmap, accuracy over time); the run works without it
-        "hf": ["transformers>=4.56", "safetensors", "datasets", "gguf", "accelerate", "matplotlib"],
-        # peft: the interop tests load our adapters in the real package; hypothesis: property-based tests
-        "test": ["pytest", "transformers>=4.56", "safetensors", "datasets", "gguf", "accelerate", "matplotlib",
-                 "peft", "hypothesis"],
-        "bench": ["pytest", "pytest-benchmark"],
-    },
-    entry_points={"console_scripts": ["slao=slao_kernels.cli:main"]},
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
