@@ -4,7 +4,7 @@
     pytest benchmarks/ -m target               the targets only
     pytest benchmarks/ --benchmark-json F      keep the numbers
 
-Shapes: SmolLM2-135M on CPU, Llama-3-8B on a GPU (``slao_kernels.bench``).
+Shapes: SmolLM2-135M on CPU, Llama-3-8B on a GPU (``slao_kernels.benchmarking``).
 Targets are ratios measured in the same run, interleaved round-robin
 (``bench.time_interleaved``) so a drifting machine slows every provider alike.
 """
@@ -12,7 +12,7 @@ Targets are ratios measured in the same run, interleaved round-robin
 import pytest
 import torch
 
-from slao_kernels import bench
+from slao_kernels import benchmarking as bench
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = bench.default_shapes(DEVICE)

@@ -11,7 +11,7 @@ memory: allocation and first touch, the floor for any op that returns a new tens
 import pytest
 import torch
 
-from slao_kernels import bench
+from slao_kernels import benchmarking as bench
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPE = bench.TASK_SWITCH_SET

@@ -10,7 +10,7 @@ of the same bytes, the floor).
 import pytest
 import torch
 
-from slao_kernels import bench
+from slao_kernels import benchmarking as bench
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32

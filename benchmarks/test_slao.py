@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from slao_kernels import SLAO, LoRALinear, bench
+from slao_kernels import SLAO, LoRALinear
+from slao_kernels import benchmarking as bench
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cuda":

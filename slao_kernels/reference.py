@@ -1,9 +1,10 @@
 """Pure-torch reference versions of every ``slao`` op.
 
-They define the semantics the kernels are tested against, serve as the
-baselines in ``benchmarks/``, and are the last-resort CPU kernels when the C++
-extension is not built. Each ``*_ref`` takes and returns exactly what the op
-of the same name does (see ``slao_kernels._ops``).
+They define the semantics the kernels are tested against and are the
+last-resort kernels (CPU without the C++ extension, devices other than CUDA).
+Each ``*_ref`` takes and returns exactly what the op of the same name does
+(see ``slao_kernels._ops``). The stock-torch baselines the benchmarks time
+live in :mod:`slao_kernels.benchmarking.references`.
 """
 
 from __future__ import annotations
@@ -43,27 +44,6 @@ def lora_linear_backward_ref(grad_out, grad_act, x, weight, lora_A, lora_B, lora
     else:
         grad_x = x.new_empty((0,))
     return grad_x, grad_A, grad_B
-
-
-def lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling):
-    """The PEFT-style eager composition ``base(x) + B(A(x))·s`` that users run
-    today; the baseline of the benchmarks. Differentiable by torch autograd."""
-    cdt = compute_dtype(x.dtype, lora_A.dtype)
-    base = F.linear(x, weight, bias)
-    return (base + F.linear(F.linear(x.to(cdt), lora_A.to(cdt)), lora_B.to(cdt)) * scaling).to(x.dtype)
-
-
-def lora_linear_composed(x, weight, bias, lora_A, lora_B, scaling):
-    """The best composition of stock torch ops: base GEMM, then the expand
-    accumulated in place with ``addmm_`` (no temporary of the output size).
-    Forward only (``addmm_`` on an autograd-tracked output is not allowed);
-    the benchmarks time its backward through :func:`lora_linear_backward_ref`."""
-    x2 = x.reshape(-1, x.shape[-1])
-    cdt = compute_dtype(x.dtype, lora_A.dtype)
-    out = F.linear(x2, weight, bias)
-    act = x2.to(cdt) @ lora_A.t().to(cdt)
-    out.addmm_(act.to(out.dtype), lora_B.t().to(out.dtype), alpha=scaling)
-    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def scaled_merge_ref(merged, fine_tuned, lam, check_finite):
