@@ -97,7 +97,7 @@ def _check_output_file(flag: str, path: str | None) -> None:
 
 def cmd_bench(args) -> int:
     """``slao bench``: lora_linear and the task-switch ops timed against torch on this machine."""
-    from slao_kernels import bench
+    from slao_kernels import benchmarking as bench
     from slao_kernels._files import write_json_atomic
 
     _check_output_file("--json", args.json)
@@ -124,9 +124,9 @@ def cmd_bench(args) -> int:
 
 def cmd_info(args) -> int:
     """``slao info``: versions, devices and which kernels are active."""
-    from slao_kernels import bench
+    from slao_kernels.benchmarking.environment import environment
 
-    for k, v in bench.environment().items():
+    for k, v in environment().items():
         print(f"{k:20s} {v}")
     return 0
 
@@ -167,7 +167,7 @@ def _device(name: str) -> str:
 
 
 def _load_model(spec, device: str, log):
-    from slao_kernels.models import load_model
+    from slao_kernels.continual.models import load_model
 
     t0 = time.perf_counter()
     log(f"loading model {spec or 'SmolLM2-135M-Instruct (embedded default)'} ...")
@@ -189,8 +189,8 @@ def _check_adapter_fits(spec, lora, strategy: str | None = None, options: dict |
     """
     from torch import nn
 
+    from slao_kernels.continual.models import model_skeleton
     from slao_kernels.continual.strategies import make_strategy
-    from slao_kernels.models import model_skeleton
     from slao_kernels.nn import LoRALinear
     from slao_kernels.patching import patch_llama
 

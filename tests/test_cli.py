@@ -110,7 +110,7 @@ def test_entry_points_answer():
 
 
 def test_bench_task_switch_rows_time_every_provider():
-    from slao_kernels import bench
+    from slao_kernels import benchmarking as bench
 
     rows = bench.compare_task_switch_ops("cpu", rounds=2, shape=(6, 4, 64))
     assert [r["op"].split()[0] for r in rows] == ["scaled_merge_", "orthonormalize_rows"]
@@ -128,7 +128,7 @@ def no_weight_loading(monkeypatch):
     """Fail the test if the CLI starts loading a model's weights (checks must come before)."""
     import transformers
 
-    import slao_kernels.models as models
+    import slao_kernels.continual.models as models
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model's weights were loaded before the input was checked")
@@ -212,7 +212,7 @@ def test_adapter_is_checked_against_the_model_config_before_loading_weights(extr
 
 def _default_model_installed() -> bool:
     try:
-        from slao_kernels.models import default_model_path
+        from slao_kernels.continual.models import default_model_path
 
         default_model_path()
         return True
@@ -313,7 +313,7 @@ def test_run_interrupted_exits_130_with_exactly_one_line(task, line, model_dir, 
 
 
 def test_ctrl_c_while_loading_the_model_exits_130_with_one_line(model_dir, tmp_path, capsys, monkeypatch):
-    import slao_kernels.models as models
+    import slao_kernels.continual.models as models
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -437,7 +437,7 @@ def test_run_and_eval_on_the_real_data_directory(model_dir, tmp_path):
 
 
 def test_info_lists_versions(capsys):
-    from slao_kernels import bench
+    from slao_kernels import benchmarking as bench
 
     assert main(["info"]) == 0
     rows = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
@@ -451,7 +451,7 @@ def test_bench_quick_json(tmp_path, capsys):
     result = json.load(open(path))
     assert set(result) == {"environment", "device", "results", "task_switch_ops"} and result["device"] == "cpu"
     assert result["environment"]["torch"] == torch.__version__
-    from slao_kernels import bench
+    from slao_kernels import benchmarking as bench
 
     assert {(r["shape"], r["mode"]) for r in result["results"]} == {(bench.default_shapes("cpu")[0].name, m)
                                                                     for m in bench.MODES}

@@ -8,7 +8,7 @@ import torch
 from conftest import DATA_DIR
 
 from slao_kernels import LoRAConfig, LoRALinear, patch_llama, revert
-from slao_kernels.models import load_default_model
+from slao_kernels.continual.models import load_default_model
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     from slao_kernels.continual import RunConfig, TrainConfig, load_task_dir
     from slao_kernels.continual.compare import (collect_runs, format_summary, parse_spec, run_comparison, summarize,
                                                 write_summary)
-    from slao_kernels.models import load_model
+    from slao_kernels.continual.models import load_model
     from slao_kernels.patching import LoRAConfig
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     model, tokenizer = load_model(None if cfg["model"] == "default" else cfg["model"])
     model.to(device)
-    from slao_kernels.bench import environment
+    from slao_kernels.benchmarking.environment import environment
 
     env = environment()
     print(f"{len(specs)} strategies × {len(seeds)} seeds over {' → '.join(t.name for t in tasks)} on "

@@ -11,6 +11,7 @@
   cl_metrics                      AA, BWT, FWT, forgetting (metrics.py)
   RunConfig, run_stream           the runner (runner.py)
   SLAOCallback                    SLAO inside a transformers.Trainer (callback.py; imports transformers)
+  models.load_model, ...          the embedded SmolLM2 GGUF and local models (models.py; import the module)
 """
 
 from slao_kernels.continual.evaluate import evaluate_task, score_options

