@@ -17,8 +17,16 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from slao_kernels._checks import (FLOAT_DTYPES, check_adapter_dtype, check_alpha, check_config_rank, check_dropout,
-                                  check_rslora, check_scaling, lora_scaling)
+from slao_kernels._checks import (
+    FLOAT_DTYPES,
+    check_adapter_dtype,
+    check_alpha,
+    check_config_rank,
+    check_dropout,
+    check_rslora,
+    check_scaling,
+    lora_scaling,
+)
 from slao_kernels.nn import LoRALinear, default_lora_dtype
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -240,9 +248,9 @@ def patch_llama(model: nn.Module, config: LoRAConfig | None = None,
     owned = [(linear, linear.weight, linear.bias) for _, linear in new]  # a LoRALinear takes these over
     built, installed = [], []
     try:
-        for name, linear in new:
+        for _, linear in new:
             built.append(LoRALinear(linear, config.rank, config.alpha, config.dropout, config.rslora, config.dtype))
-        for (name, linear), wrapped in zip(new, built):
+        for (name, linear), wrapped in zip(new, built, strict=True):
             _set_submodule(model, name, wrapped)
             installed.append((name, linear))
     except BaseException:

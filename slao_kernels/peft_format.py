@@ -30,8 +30,18 @@ import sys
 import torch
 from torch import nn
 
-from slao_kernels._files import (TMP_PREFIX, discard, fsync_dir, is_int, is_real, load_safetensors_bytes, read_json,
-                                 refuse_non_finite, safetensors_bytes, write_file)
+from slao_kernels._files import (
+    TMP_PREFIX,
+    discard,
+    fsync_dir,
+    is_int,
+    is_real,
+    load_safetensors_bytes,
+    read_json,
+    refuse_non_finite,
+    safetensors_bytes,
+    write_file,
+)
 from slao_kernels.distributed import any_rank, barrier, gather, is_main_process, local, unwrap_model, write_full_
 
 PEFT_PREFIX = "base_model.model."

@@ -105,7 +105,8 @@ Q0 = "model.layers.0.self_attn.q_proj"
 def canonical_digest(meta):
     """meta_sha256 as documented: SHA-256 of the sorted, compact, ASCII JSON of the other fields."""
     body = {k: v for k, v in meta.items() if k != "meta_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()).hexdigest()
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def edit_meta(ckpt, edit, resign=True):
@@ -311,8 +312,8 @@ def test_slao_save_refuses_non_finite_tensors_and_writes_nothing(tmp_path):
 
 
 def test_strategy_checkpoints_refuse_non_finite_tensors(tmp_path):
-    from slao_kernels.continual.strategies import SeqLoRA
     from slao_kernels.continual.checkpoint import save_checkpoint
+    from slao_kernels.continual.strategies import SeqLoRA
 
     with pytest.raises(ValueError, match=r"save_checkpoint: expected finite tensors, but \['w'\]"):
         save_checkpoint(str(tmp_path / "a"), {"v": torch.ones(2), "w": torch.tensor([1.0, float("-inf")])},
@@ -337,7 +338,8 @@ def test_checkpoint_save_removes_leftovers_of_a_killed_write(tmp_path):
     (tmp_path / ".tmp-k1ll3d.d").mkdir()
     run_tasks(slao, [2])
     slao.save(str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == ["slao.json", json.loads((tmp_path / "slao.json").read_text())["tensor_file"]]
+    tensor_file = json.loads((tmp_path / "slao.json").read_text())["tensor_file"]
+    assert sorted(os.listdir(tmp_path)) == ["slao.json", tensor_file]
 
 
 def test_save_checkpoint_validates_its_arguments_before_writing(tmp_path):

@@ -9,9 +9,22 @@ import torch
 from conftest import DATA_DIR, interrupted_at_task, tiny_model, tiny_tokenizer
 
 from slao_kernels import SLAO, LoRAConfig, patch_llama
-from slao_kernels.continual import (ORDERS, Example, PromptEncoder, RunConfig, Task, TrainConfig, cl_metrics,
-                                    evaluate_task, generated_suite, load_hf_task, load_task_dir, run_stream,
-                                    score_options, train_task)
+from slao_kernels.continual import (
+    ORDERS,
+    Example,
+    PromptEncoder,
+    RunConfig,
+    Task,
+    TrainConfig,
+    cl_metrics,
+    evaluate_task,
+    generated_suite,
+    load_hf_task,
+    load_task_dir,
+    run_stream,
+    score_options,
+    train_task,
+)
 from slao_kernels.continual.evaluate import brute_force_scores
 from slao_kernels.continual.prompts import collate_answers
 from slao_kernels.continual.report import format_report
@@ -92,7 +105,7 @@ def test_generated_suite_is_deterministic_balanced_and_follows_its_rules():
         rule = GENERATED_RULES[t.name]
         numbers = [int(r.text.split()[-1]) for r in t.train + t.test]
         assert len(set(numbers)) == len(numbers)  # no test row was seen in training
-        assert all(rule.holds(n) == (r.label == "yes") for n, r in zip(numbers, t.train + t.test))
+        assert all(rule.holds(n) == (r.label == "yes") for n, r in zip(numbers, t.train + t.test, strict=True))
         assert sum(r.label == "yes" for r in t.train) == len(t.train) // 2
     # the rules conflict: on shared inputs, every pair of tasks disagrees on a good share of numbers
     for x in GENERATED_RULES:
@@ -184,7 +197,8 @@ def test_evaluate_task_picks_the_best_scored_option(tokenizer):
     result = evaluate_task(model, enc, task, batch_size=3)
     scores = brute_force_scores(model, [enc.prompt(task, r.text) for r in task.test], enc.options(task))
     assert result["predictions"] == scores.argmax(1).tolist()
-    expected = sum(task.labels[p] == r.label for p, r in zip(result["predictions"], task.test)) / len(task.test)
+    right = sum(task.labels[p] == r.label for p, r in zip(result["predictions"], task.test, strict=True))
+    expected = right / len(task.test)
     assert result["accuracy"] == expected and result["total"] == 10
 
 
@@ -391,7 +405,7 @@ def test_resuming_an_interrupted_run_reproduces_the_uninterrupted_one(tmp_path, 
     resumed = run_stream(resumed_model, tokenizer, tasks, config, out=str(tmp_path / "cut"), resume=True, **quiet)
     assert resumed["resumed_after_task"] == 2
     assert resumed["accuracy_matrix"] == whole["accuracy_matrix"] and resumed["losses"] == whole["losses"]
-    for (n, a), b in zip(lora_modules(whole_model).items(), lora_modules(resumed_model).values()):
+    for (n, a), b in zip(lora_modules(whole_model).items(), lora_modules(resumed_model).values(), strict=True):
         assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B), n
     other = _tiny_run_config(strategy_options={"init": "orthogonal"})
     with pytest.raises(ValueError, match="other settings"):

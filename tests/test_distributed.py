@@ -13,13 +13,14 @@ EPYC.) Each gradient entry is a sum over the ``batch·seq_len`` = 128 token posi
 sum changes it by at most γ = 128·u (u = 2⁻²⁴, fp32's unit roundoff) relative to its magnitude, and with
 SGD the per-step differences add up over the ``tasks·steps`` = 30 steps. The tolerance is that worst-case
 bound at the scale of each tensor: ``30·128·u·max|ref|`` (≈ 2.3e-4 relative; measured on an Intel Xeon,
-DDP against one process at rank 8: 7.5e-8 absolute, 4.7e-7 relative). The task switch's QR is backward stable on the near-orthonormal A's
-and adds no growth of its own. The bound needs a step size inside the stable range, where the training
-iteration does not amplify differences: at rank 1 with the default alpha (scaling 16) and lr 0.5 the
-one- and two-process trajectories separated tenfold per step (1.4e-7, 1.5e-6, 1.1e-4 after 1, 2, 3
-steps); so every run here has scaling 2 (alpha = 2·rank) and lr 0.5, where they stay within 4e-7
-relative at rank 1 as at rank 8. A real fault (rows written to the wrong rank, a merge lost, a shard left
-stale) moves entries by the size of a task's update (B by more than 1e-3 here: checked below).
+DDP against one process at rank 8: 7.5e-8 absolute, 4.7e-7 relative). The task switch's QR is backward
+stable on the near-orthonormal A's and adds no growth of its own. The bound needs a step size inside the
+stable range, where the training iteration does not amplify differences: at rank 1 with the default
+alpha (scaling 16) and lr 0.5 the one- and two-process trajectories separated tenfold per step (1.4e-7,
+1.5e-6, 1.1e-4 after 1, 2, 3 steps); so every run here has scaling 2 (alpha = 2·rank) and lr 0.5, where
+they stay within 4e-7 relative at rank 1 as at rank 8. A real fault (rows written to the wrong rank, a
+merge lost, a shard left stale) moves entries by the size of a task's update (B by more than 1e-3 here:
+checked below).
 """
 
 import contextlib
@@ -35,6 +36,7 @@ import weakref
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import tiny_model
 from safetensors.torch import load_file
 from torch import nn
 
@@ -42,7 +44,6 @@ import slao_kernels
 from slao_kernels import SLAO, LoRAConfig, patch_llama
 from slao_kernels import distributed as dist_utils
 from slao_kernels.continual import scale_out
-from conftest import tiny_model
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is needed")
@@ -211,7 +212,8 @@ def test_a_hung_launch_fails_with_stacks_and_leaves_no_process_behind(tmp_path, 
 
 def test_script_rejects_bad_arguments(tmp_path, reference):
     with pytest.raises(SystemExit, match="multiple of the world size"):
-        scale_out.check_args(scale_out.build_parser().parse_args(["--out", "x", "--engine", "ddp", "--batch-size", "3"]), world=2)
+        args = scale_out.build_parser().parse_args(["--out", "x", "--engine", "ddp", "--batch-size", "3"])
+        scale_out.check_args(args, world=2)
     with pytest.raises(SystemExit, match="pick ddp, fsdp2 or accelerate"):
         scale_out.check_args(scale_out.build_parser().parse_args(["--out", "x"]), world=2)
     with pytest.raises(SystemExit, match="not Llama projections"):
@@ -326,7 +328,7 @@ def test_random_init_is_the_same_with_and_without_a_process_group():
         dist.destroy_process_group()
     assert any(t.abs().sum() > 0 for t in one_process[0::2])
     assert all(torch.count_nonzero(b) == 0 for b in one_process[1::2])  # a fresh adapter: B = 0
-    for got, want in zip(distributed, one_process):
+    for got, want in zip(distributed, one_process, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 

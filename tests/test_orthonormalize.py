@@ -114,7 +114,7 @@ def test_list_of_mixed_shapes_keeps_order():
     mats = [torch.randn(4, 64), torch.randn(4, 32), torch.randn(4, 64, dtype=torch.float64), torch.randn(4, 64)]
     out = slao_kernels.orthonormalize_rows(mats)
     assert [tuple(q.shape) for q in out] == [tuple(m.shape) for m in mats]
-    for m, q in zip(mats, out):
+    for m, q in zip(mats, out, strict=True):
         torch.testing.assert_close(q.double(), orthonormalize_rows_ref(m.double()[None])[0][0], atol=1e-5, rtol=0)
 
 
@@ -148,7 +148,7 @@ def test_in_place_matches_the_result_of_the_functional():
         warnings.simplefilter("ignore")  # cond 1e6 is rank-deficient at fp32: warned, tested below
         expected = slao_kernels.orthonormalize_rows([a.clone() for a in A])
         assert slao_kernels.orthonormalize_rows_(work) is work
-    for i, (got, want) in enumerate(zip(work, expected)):
+    for i, (got, want) in enumerate(zip(work, expected, strict=True)):
         assert got.dtype == A[i].dtype and torch.equal(got, want), i
     batch = with_condition(5, 8, 90, 10.0)
     same = slao_kernels.orthonormalize_rows_(batch)
@@ -182,7 +182,7 @@ def test_in_place_on_parameters_under_no_grad_at_any_thread_count(threads):
         expected = slao_kernels.orthonormalize_rows([p.detach().clone() for p in params])
         with torch.no_grad():
             assert slao_kernels.orthonormalize_rows_(params) is params
-        for p, q in zip(params, expected):
+        for p, q in zip(params, expected, strict=True):
             assert p.requires_grad and torch.equal(p.detach(), q)
     finally:
         torch.set_num_threads(old)
@@ -221,7 +221,7 @@ def test_non_finite_input_is_refused_naming_the_matrix(bad, dtype):
     work = [a.clone() for a in A]
     with pytest.raises(ValueError, match=r"A\[1\] holds NaN or Inf.*nothing was written"):
         slao_kernels.orthonormalize_rows_(work)
-    for w, a in zip(work, A):
+    for w, a in zip(work, A, strict=True):
         torch.testing.assert_close(w, a, rtol=0, atol=0, equal_nan=True)  # untouched, NaN included
     with pytest.raises(ValueError, match=r"A\[1\] holds NaN or Inf"):
         orthonormalize_rows_ref(A)
@@ -268,7 +268,7 @@ def test_rank_deficient_completion_is_the_same_on_every_path(dtype):
                 for name, got in (("batched", batched[j]), ("listed", listed[i]), ("in place", in_place[i]),
                                   ("batch in place", batch[j]), ("reference", ref[j])):
                     assert torch.equal(got, single[i]), (name, tuple(mats[i].shape), j)
-    for M, Q in zip(mats, single):
+    for M, Q in zip(mats, single, strict=True):
         tol = 1e-12 if dtype == torch.float64 else torch.finfo(dtype).eps  # one rounding of fp64 results
         Qd, Md = Q.double(), M.double()
         assert orthonormality_error(Qd) <= 2 * tol * M.shape[1] ** 0.5
@@ -324,5 +324,5 @@ def test_cuda_entry_points_refuse_non_finite_before_writing():
     before = [w.clone() for w in work]
     with pytest.raises(ValueError, match=r"orthonormalize_rows_: A\[2\] holds NaN or Inf.*nothing was written"):
         _cuda_inplace(work)
-    for w, b in zip(work, before):
+    for w, b in zip(work, before, strict=True):
         torch.testing.assert_close(w, b, rtol=0, atol=0)

@@ -308,7 +308,8 @@ def test_repatch_with_a_different_field_raises_naming_it(change, field, existing
 def test_repatch_names_every_differing_field_and_accepts_the_same_adapter():
     model = tiny_model()
     patch_llama(model, LoRAConfig(rank=4, dropout=0.1))
-    with pytest.raises(ValueError, match=r"rank \(existing 4, requested 2\), dropout \(existing 0\.1, requested 0\.0\)"):
+    with pytest.raises(ValueError,
+                       match=r"rank \(existing 4, requested 2\), dropout \(existing 0\.1, requested 0\.0\)"):
         patch_llama(model, LoRAConfig(rank=2))
     # dtype=None asks for the default adapter dtype of the base (fp32 here): the same adapter as dtype=float32
     with pytest.warns(UserWarning, match="nothing changed"):

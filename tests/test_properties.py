@@ -128,7 +128,7 @@ def test_lora_linear_autograd_matches_fp64_eager(case):
              s * dy.abs().t() @ (X2.abs() @ A64.abs().t()))
     eps = torch.finfo(torch.float32 if dt == torch.float64 else dt).eps
     for name, got, w, b, like in zip(("grad_x", "grad_A", "grad_B"), (gx.reshape(-1, n), gA, gB), want, bound,
-                                     (x, A, B)):
+                                     (x, A, B), strict=True):
         assert got.dtype == like.dtype, name
         e = eps if like.dtype != torch.float64 else torch.finfo(torch.float64).eps
         err = (got.double() - w).abs()
@@ -258,11 +258,12 @@ def test_scaled_merge_matches_fp64(case):
     u_acc = eps_acc/2 on |1 − λ|·|m| + |λ|·|f|), then rounds once to the stored dtype (eps/2 of the
     result); subnormals add at most the dtype's smallest normal. λ = 0 and 1 are exact."""
     lam = case["lam"]
-    merged = [_randn(s, d, case["seed"] + i) for i, (s, d) in enumerate(zip(case["shapes"], case["dtypes"]))]
-    fine = [_randn(s, d, case["seed"] + 100 + i) for i, (s, d) in enumerate(zip(case["shapes"], case["dtypes"]))]
+    layers = list(enumerate(zip(case["shapes"], case["dtypes"], strict=True)))
+    merged = [_randn(s, d, case["seed"] + i) for i, (s, d) in layers]
+    fine = [_randn(s, d, case["seed"] + 100 + i) for i, (s, d) in layers]
     before = [m.clone() for m in merged]
     assert slao_kernels.scaled_merge_(merged, fine, lam, check_finite=case["check_finite"]) is merged
-    for m, m0, f in zip(merged, before, fine):
+    for m, m0, f in zip(merged, before, fine, strict=True):
         assert m.dtype == m0.dtype and m.shape == m0.shape
         if lam in (0.0, 1.0):
             assert torch.equal(m, m0 if lam == 0.0 else f)
@@ -281,7 +282,8 @@ def test_scaled_merge_refuses_a_non_contiguous_tensor_and_writes_nothing(case, w
     if not case["shapes"]:
         return
     which = which % len(case["shapes"])
-    merged = [_randn((*s, 2), d, case["seed"] + i) for i, (s, d) in enumerate(zip(case["shapes"], case["dtypes"]))]
+    layers = enumerate(zip(case["shapes"], case["dtypes"], strict=True))
+    merged = [_randn((*s, 2), d, case["seed"] + i) for i, (s, d) in layers]
     fine = [torch.zeros_like(m) for m in merged]
     merged[which] = merged[which].transpose(-1, -2).contiguous().transpose(-1, -2)
     fine[which] = torch.zeros_like(merged[which])  # same strides as its counterpart
@@ -290,4 +292,4 @@ def test_scaled_merge_refuses_a_non_contiguous_tensor_and_writes_nothing(case, w
     before = [m.clone() for m in merged]
     with pytest.raises(ValueError, match=rf"merged\[{which}\] and fine_tuned\[{which}\] must be contiguous"):
         slao_kernels.scaled_merge_(merged, fine, 0.5)
-    assert all(torch.equal(m, b) for m, b in zip(merged, before))
+    assert all(torch.equal(m, b) for m, b in zip(merged, before, strict=True))

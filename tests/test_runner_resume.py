@@ -10,8 +10,7 @@ import torch
 from conftest import interrupted_at_task, tiny_model, tiny_tokenizer
 from safetensors.torch import load_file
 
-from slao_kernels.continual import RunConfig, TrainConfig, generated_suite, run_stream
-from slao_kernels.continual import runner
+from slao_kernels.continual import RunConfig, TrainConfig, generated_suite, run_stream, runner
 from slao_kernels.continual.runner import RunInterrupted, TaskFailed
 from slao_kernels.patching import LoRAConfig, lora_modules
 
@@ -130,7 +129,8 @@ def test_a_kill_between_checkpoint_and_report_does_not_train_the_task_again(tmp_
     monkeypatch.setattr(io, "write_json_atomic", real)
     report = run_stream(_model(tokenizer), tokenizer, TASKS, CONFIG, out=str(tmp_path), resume=True, **QUIET)
     assert trained == [t.name for t in TASKS]
-    assert len(report["accuracy_matrix"]) == 3 and report["timings"]["tasks"][-1]["lambda"] == pytest.approx(0.57735026918962, rel=1e-12)  # λ(3), not λ(4)
+    assert len(report["accuracy_matrix"]) == 3
+    assert report["timings"]["tasks"][-1]["lambda"] == pytest.approx(0.57735026918962, rel=1e-12)  # λ(3), not λ(4)
 
 
 def _poison_after_training(monkeypatch, task: int, how: str) -> None:

@@ -32,7 +32,7 @@ def expected(merged, fine, lam):
 def assert_merged(got, want):
     # The kernels and the reference compute m + lam·(f − m) in fp32; they may
     # differ by one rounding (FMA contraction), which the dtype tolerances cover.
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
 
 
@@ -64,9 +64,9 @@ def test_lam_one_copies_exactly_lam_zero_keeps(path):
     merged, fine = layer_set((torch.float32, torch.bfloat16), device)
     before = [m.clone() for m in merged]
     run(merged, fine, 0.0, False)
-    assert all(torch.equal(m, b) for m, b in zip(merged, before))
+    assert all(torch.equal(m, b) for m, b in zip(merged, before, strict=True))
     run(merged, fine, 1.0, False)
-    assert all(torch.equal(m, f) for m, f in zip(merged, fine))
+    assert all(torch.equal(m, f) for m, f in zip(merged, fine, strict=True))
 
 
 def test_single_tensor_api():
@@ -87,7 +87,7 @@ def test_check_finite_writes_nothing(bad_value, path):
     run = slao_kernels.scaled_merge_ if path == "op" else op.scaled_merge_triton
     with pytest.raises(ValueError, match=r"non-finite values into tensor 5 .*nothing was written"):
         run(merged, fine, 0.5, check_finite=True)
-    assert all(torch.equal(m, b) for m, b in zip(merged, before))
+    assert all(torch.equal(m, b) for m, b in zip(merged, before, strict=True))
     run(merged, fine, 0.5, check_finite=False)  # without the check the NaN/Inf goes through
     assert not torch.isfinite(merged[5]).all()
 

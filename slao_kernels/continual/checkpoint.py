@@ -34,8 +34,17 @@ import re
 
 import torch
 
-from slao_kernels._files import (check_directory_target, is_int, is_real, load_safetensors_bytes, read_json,
-                                 refuse_non_finite, remove_leftovers, safetensors_bytes, write_atomic)
+from slao_kernels._files import (
+    check_directory_target,
+    is_int,
+    is_real,
+    load_safetensors_bytes,
+    read_json,
+    refuse_non_finite,
+    remove_leftovers,
+    safetensors_bytes,
+    write_atomic,
+)
 
 CHECKPOINT_FORMAT = "slao_kernels.slao/2"
 """The format :func:`save_checkpoint` writes (``/2``: slao.json carries ``meta_sha256``)."""
@@ -219,7 +228,8 @@ def validate_slao_meta(meta, tensors: dict[str, torch.Tensor] | None = None, whe
         raise ValueError(f"{where}: field 'slao.merge' must be one of {list(MERGES)}, got {merge!r}")
     layers = meta["layers"]
     if not isinstance(layers, dict) or not layers:
-        raise ValueError(f"{where}: field 'layers' must be a non-empty object of module path -> layer, got {layers!r:.80}")
+        raise ValueError(f"{where}: field 'layers' must be a non-empty object of module path -> layer, "
+                         f"got {layers!r:.80}")
     expected: dict[str, tuple[list[int], str]] = {}
     keys = {"rank", "alpha", "rslora", "in", "out", "dtype"}
     for name, spec in layers.items():
