@@ -1,5 +1,5 @@
 """The SLAO controller on a tiny Llama: the state machine against a hand-written
-step-by-step reference of DESIGN.md §1, the ablation switches, constant memory,
+step-by-step reference of docs/design.md §1.2, the ablation switches, constant memory,
 the optimizer pattern, and misuse."""
 
 import math
@@ -25,7 +25,7 @@ def sign_fixed_q_t(A):
 
 
 def reference_run(A1, B1, tasks, lam, init, merge, finetune_deltas):
-    """DESIGN.md §1 written out for one layer, with explicit A_ft/B_ft/A_merge/B_merge."""
+    """docs/design.md §1.2 written out for one layer, with explicit A_ft/B_ft/A_merge/B_merge."""
     A_ft = B_ft = A_merge = B_merge = None
     history = []
     for i in range(1, tasks + 1):
@@ -146,7 +146,7 @@ def test_new_optimizer_per_task_pattern():
     model, slao = patched()
     ids = torch.randint(0, 96, (2, 8))
     params_ids = None
-    for i in range(1, 4):
+    for _ in range(3):
         slao.begin_task()
         opt = torch.optim.AdamW(list(slao.parameters()), lr=1e-2, weight_decay=0.0)
         ids_now = [id(p) for p in slao.parameters()]
@@ -164,7 +164,7 @@ def test_new_optimizer_per_task_pattern():
                 # a fresh Adam's first step is lr·g/(|g| + eps) per entry: exactly ±lr wherever |g| ≫ eps.
                 # Moments carried over from an earlier task would give other step sizes.
                 checked = 0
-                for p, p0, g in zip(slao.parameters(), before, grads):
+                for p, p0, g in zip(slao.parameters(), before, grads, strict=True):
                     big = g.abs() > 1e-4  # (on task 1, B = 0 gives A no gradient at all)
                     checked += int(big.sum())
                     torch.testing.assert_close((p0 - p.detach())[big], 1e-2 * torch.sign(g[big]),
@@ -217,7 +217,7 @@ def assert_same_state(got, want):
     assert (got["task_index"], got["in_task"]) == (want["task_index"], want["in_task"])
     assert sorted(got["tensors"]) == sorted(want["tensors"])
     for k, t in want["tensors"].items():  # bit for bit, NaN where NaN was
-        torch.testing.assert_close(got["tensors"][k], t, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(got["tensors"][k], t, rtol=0, atol=0, equal_nan=True, msg=lambda m, k=k: f"{k}: {m}")
 
 
 MODES = [("orthogonal", "B"), ("orthogonal", "A"), ("orthogonal", "AB"), ("orthogonal", "none"),

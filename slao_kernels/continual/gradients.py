@@ -2,7 +2,7 @@ r"""Full-weight gradients of the adapted layers, and the gradient-based inits bu
 
 LoRA-GA (arXiv 2407.05000) and SLICE (arXiv 2605.12752) initialize a task's
 adapter from ``G = ∂L/∂W0``, the gradient of the task loss with respect to
-each frozen base weight, averaged over a few batches (DESIGN.md §1). ``W0`` is
+each frozen base weight, averaged over a few batches (docs/design.md §1.5). ``W0`` is
 frozen, so autograd never forms that gradient; it is accumulated here from the
 two factors it is made of: ``∂L/∂W0 = Σ_tokens dyᵀ·x`` with x the layer's
 input (a forward hook) and dy the gradient of its output (a tensor hook).

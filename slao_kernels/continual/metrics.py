@@ -1,4 +1,4 @@
-r"""Continual-learning metrics over an accuracy matrix (DESIGN.md §1).
+r"""Continual-learning metrics over an accuracy matrix (docs/design.md §1.6).
 
 ``R[i][j]`` is the accuracy on task j after training task i (0-based here,
 T tasks); ``R0[j]`` the accuracy of the untrained model on task j.

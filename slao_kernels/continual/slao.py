@@ -1,6 +1,6 @@
 r"""The SLAO controller: one LoRA adapter per layer across a stream of tasks.
 
-DESIGN.md §1, "Merge before Forget" (arXiv 2512.23017). For task i (1-based):
+docs/design.md §1.2, "Merge before Forget" (arXiv 2512.23017). For task i (1-based):
 
 * ``begin_task()``: task 1 keeps the fresh adapter (A Kaiming-uniform, B = 0).
   Task i ≥ 2 initializes, per layer, ``A ← Qᵀ`` with ``QR(A_ft,i−1ᵀ)`` sign-fixed

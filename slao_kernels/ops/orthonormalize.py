@@ -4,7 +4,7 @@ For task i ≥ 2, every adapted layer starts from ``A ← Qᵀ`` where
 ``A_ft,i−1ᵀ = Q·R`` is the reduced QR factorization with ``diag(R) > 0``
 (sign(0) = +1). ``Qᵀ`` (r×n) has orthonormal rows spanning the previous
 fine-tuned A's row space. Source: "Merge before Forget" (arXiv 2512.23017),
-DESIGN.md §1.
+docs/design.md §1.2.
 
 Inputs are a (b, r, n) batch or a list of (r, n) matrices of mixed shapes
 (q/k/v/o/gate/up/down), grouped by shape, one kernel call per group. Computed
