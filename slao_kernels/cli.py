@@ -26,8 +26,8 @@ import math
 import os
 import sys
 import time
+import typing
 
-from slao_kernels.continual.slao import INITS, LAMBDAS, MERGES
 from slao_kernels.continual.strategies import STRATEGIES
 
 # --------------------------------------------------------------------------- argument types
@@ -61,17 +61,54 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _merge_schedule(text: str):
-    """An argparse ``type`` for ``--lam``: a named schedule or a constant in (0, 1]."""
-    if text in LAMBDAS:
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0.0 < value <= 1.0:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"expected {', '.join(LAMBDAS)} or a number in (0, 1], got {text!r}")
-    return value
+def _strategy_option(strategy: str, key: str):
+    """An argparse ``type`` for a strategy option that has a flag of its own (``--lam``): the text
+    read by the declared type of the option's config field, and range-checked."""
+    config = STRATEGIES[strategy].config
+
+    def parse(text: str):
+        try:
+            return config.parse_option(key, text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {config.accepts(key)}, got {text!r}") from None
+
+    parse.__name__ = f"{strategy} option {key}"
+    return parse
+
+
+def _strategy_choices(strategy: str, key: str) -> tuple:
+    """The values of a strategy option declared as a ``Literal`` (argparse ``choices``)."""
+    return typing.get_args(STRATEGIES[strategy].config.option_types()[key])
+
+
+def _strategy_options(args) -> dict:
+    """The options of ``--strategy``: slao's --lam/--init/--merge (typed by argparse) and every
+    --option KEY=VALUE, its value read by the declared type of the option's config field.
+
+    Raises:
+        UsageError: naming the option, what it accepts and what was given.
+    """
+    config = STRATEGIES[args.strategy].config
+    names = config.option_names()
+    options = {k: v for k, v in (("lam", args.lam), ("init", args.init), ("merge", args.merge)) if v is not None}
+    if options and args.strategy != "slao":
+        raise UsageError(f"--lam/--init/--merge are options of the slao strategy, not of --strategy "
+                         f"{args.strategy}; its options (--option KEY=VALUE): {names}")
+    pairs = []
+    for item in args.option:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--option takes KEY=VALUE, got {item!r}")
+        pairs.append((key, text))
+    unknown = sorted({key for key, _ in pairs} - set(names))
+    if unknown:
+        raise UsageError(f"--option: strategy {args.strategy!r} has no option(s) {unknown}; its options: {names}")
+    for key, text in pairs:
+        try:
+            options[key] = config.parse_option(key, text)
+        except ValueError as e:
+            raise UsageError(f"--strategy {args.strategy} with {key}={text}: {e}") from None
+    return options
 
 
 class _Parser(argparse.ArgumentParser):
@@ -243,7 +280,6 @@ def cmd_run(args) -> int:
     then the model loads and the stream runs."""
     from slao_kernels.continual.report import format_report
     from slao_kernels.continual.runner import RunConfig, run_stream
-    from slao_kernels.continual.strategies import option_value, strategy_options
     from slao_kernels.continual.train import TrainConfig
     from slao_kernels.patching import LoRAConfig
 
@@ -258,19 +294,7 @@ def cmd_run(args) -> int:
     if args.resume and not os.path.exists(os.path.join(out, "report.json")):
         raise UsageError(f"--resume: {out} holds no report.json to continue")
     tasks, source = _load_tasks(args)  # before the model: bad task names fail in a second, not after loading
-    options = {k: v for k, v in (("lam", args.lam), ("init", args.init), ("merge", args.merge)) if v is not None}
-    if options and args.strategy != "slao":
-        raise UsageError(f"--lam/--init/--merge are options of the slao strategy, not of --strategy "
-                         f"{args.strategy}; its options (--option KEY=VALUE): {strategy_options(args.strategy)}")
-    for item in args.option:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--option takes KEY=VALUE, got {item!r}")
-        options[key] = option_value(value)
-    unknown = sorted(set(options) - set(strategy_options(args.strategy)))
-    if unknown:
-        raise UsageError(f"--option: strategy {args.strategy!r} has no option(s) {unknown}; its options: "
-                         f"{strategy_options(args.strategy)}")
+    options = _strategy_options(args)
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     if not targets:
         raise UsageError(f"--targets must name at least one projection, got {args.targets!r}")
@@ -356,7 +380,7 @@ def _run_report(run_dir: str, need=None) -> dict:
 
 
 # strategies whose trained model is the base plus the one adapter held in lora_A/lora_B
-_ONE_ADAPTER = ("slao", "seqlora", "multitask")
+_ONE_ADAPTER = tuple(name for name, entry in STRATEGIES.items() if entry.strategy.single_adapter)
 
 
 def _run_checkpoint(run_dir: str, report: dict, action: str):
@@ -374,13 +398,13 @@ def _run_checkpoint(run_dir: str, report: dict, action: str):
 
 
 def _model_with_run_adapter(run_dir: str, report: dict, checkpoint, device: str, log):
-    """The run's model with the adapter of its last checkpoint loaded (report and
-    checkpoint already checked; the adapter is checked against the model's config first)."""
-    import torch
+    """The run's model with the adapter of its last checkpoint loaded by the run's strategy
+    (report and checkpoint already checked; the adapter is checked against the model's config
+    first, the checkpoint against the model by the strategy, before anything is restored)."""
+    from slao_kernels.continual.strategies import make_strategy
+    from slao_kernels.patching import LoRAConfig, patch_llama
 
-    from slao_kernels.patching import LoRAConfig, lora_modules, patch_llama
-
-    meta, tensors = checkpoint
+    meta, _ = checkpoint
     cfg = report["config"]
     model_spec = None if cfg["model"] == "default" else cfg["model"]
     lora = cfg["lora"]
@@ -389,22 +413,21 @@ def _model_with_run_adapter(run_dir: str, report: dict, checkpoint, device: str,
                           rslora=lora["rslora"])
     except (TypeError, ValueError) as e:
         raise UsageError(f"{run_dir}/report.json: config.lora is not a valid adapter ({e})") from None
+    options = cfg.get("strategy_options", {})
+    if not isinstance(options, dict):
+        raise UsageError(f"{run_dir}/report.json: config.strategy_options must be an object, got {options!r}")
     _check_adapter_fits(model_spec, lora)
     model, tokenizer, _ = _load_model(model_spec, device, log)
     patch_llama(model, lora)
-    modules = lora_modules(model)
-    missing = [f"{n}.{f}" for n in modules for f in ("lora_A", "lora_B") if f"{n}.{f}" not in tensors]
-    if missing:
-        raise UsageError(f"the checkpoint in {run_dir} does not fit the model: no {missing[:3]}")
-    wrong = [f"{n}.{f} is {tuple(tensors[f'{n}.{f}'].shape)}, the model needs {tuple(getattr(m, f).shape)}"
-             for n, m in modules.items() for f in ("lora_A", "lora_B")
-             if tensors[f"{n}.{f}"].shape != getattr(m, f).shape]
-    if wrong:
-        raise UsageError(f"the checkpoint in {run_dir} does not fit the model: {wrong[0]}")
-    with torch.no_grad():
-        for n, m in modules.items():
-            for f in ("lora_A", "lora_B"):
-                getattr(m, f).copy_(tensors[f"{n}.{f}"])
+    try:
+        strategy = make_strategy(cfg["strategy"], model, **options)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{run_dir}/report.json: config.strategy_options do not fit {cfg['strategy']} "
+                         f"({e})") from None
+    try:
+        strategy.load(os.path.join(run_dir, "checkpoint"))
+    except ValueError as e:
+        raise UsageError(f"the checkpoint in {run_dir} does not fit the model: {e}") from None
     return model, tokenizer, meta
 
 
@@ -500,11 +523,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a strategy option, repeatable (olora: weight=0.5; slice: c=1 scope=global "
                    "buffer_per_task=32; lora_ga/slice: grad_batches=4 max_gradient_bytes=...)")
-    r.add_argument("--lam", default=None, type=_merge_schedule,
+    r.add_argument("--lam", default=None, type=_strategy_option("slao", "lam"),
                    help="slao: merge schedule inv_sqrt (default), inv or a constant in (0, 1]")
-    r.add_argument("--init", default=None, choices=INITS, help="slao: orthogonal (default), last_ft, last_merge "
-                   "or random")
-    r.add_argument("--merge", default=None, choices=MERGES, help="slao: B (default), A, AB or none")
+    r.add_argument("--init", default=None, choices=_strategy_choices("slao", "init"),
+                   help="slao: orthogonal (default), last_ft, last_merge or random")
+    r.add_argument("--merge", default=None, choices=_strategy_choices("slao", "merge"),
+                   help="slao: B (default), A, AB or none")
     r.add_argument("--rank", type=_POSITIVE, default=8, help="adapter rank (at most min(in, out) of every target)")
     r.add_argument("--alpha", type=_positive_float, default=None, help="LoRA alpha (default 2 x rank)")
     r.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",

@@ -52,11 +52,9 @@ class LoRALinear(nn.Module):
     ``lora_A`` (r×in) starts Kaiming-uniform and ``lora_B`` (out×r) at zero, so a
     new adapter leaves the output unchanged.
 
-    Frozen adapters (IncLoRA, O-LoRA: one per past task) sit beside the trainable
-    one in the buffers ``frozen_A`` (k·r×in) and ``frozen_B`` (out×k·r), added by
-    :meth:`freeze_adapter`. All share the scaling, so the forward runs the fused op
-    once on the concatenation ``[frozen_A; lora_A]``, ``[frozen_B, lora_B]``:
-    ``Σ_i s·B_i·A_i·x`` in one rank-(k+1)·r product.
+    One adapter: the strategies that keep earlier adapters frozen beside it (IncLoRA,
+    O-LoRA) install :class:`StackedLoRALinear` on the modules they use, so the plain
+    module's forward carries nothing of theirs.
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
@@ -79,9 +77,6 @@ class LoRALinear(nn.Module):
         self.lora_A = lora_A
         self.lora_B = lora_B
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # not in the state dict: the strategies that freeze adapters checkpoint them themselves
-        self.register_buffer("frozen_A", torch.empty(0, self.in_features, **factory), persistent=False)
-        self.register_buffer("frozen_B", torch.empty(self.out_features, 0, **factory), persistent=False)
         self.reset_lora_parameters()
         object.__setattr__(self, "_base", base)  # kept aside, not a registered submodule
         self.register_parameter("weight", weight)
@@ -151,10 +146,8 @@ class LoRALinear(nn.Module):
         return nn.init.kaiming_uniform_(A, a=math.sqrt(5))
 
     def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) of everything the forward adds: the trainable adapter, after any frozen ones."""
-        if self.frozen_A.shape[0] == 0:
-            return self.lora_A, self.lora_B
-        return torch.cat([self.frozen_A, self.lora_A]), torch.cat([self.frozen_B, self.lora_B], dim=1)
+        """(A, B) of everything the forward adds: here the one adapter (subclasses add theirs)."""
+        return self.lora_A, self.lora_B
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -165,26 +158,17 @@ class LoRALinear(nn.Module):
         return lora_linear(x, self.weight, self.bias, A, B, self.scaling)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """The adapters' contribution alone, ``scaling·(x·Aᵀ)·Bᵀ``, in the adapter dtype."""
+        """The adapter's contribution alone, ``scaling·(x·Aᵀ)·Bᵀ``, in the adapter dtype."""
         A, B = self._factors()
         u = F.linear(x.to(A.dtype), A)
         return F.linear(u, B) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
-        """``scaling·B·A`` (out×in) of all adapters, in fp32 or wider."""
+        """``scaling·B·A`` (out×in) of the adapter (of all, in a :class:`StackedLoRALinear`), in fp32 or
+        wider."""
         A, B = self._factors()
         dt = torch.promote_types(A.dtype, torch.float32)
         return (B.to(dt) @ A.to(dt)) * self.scaling
-
-    @torch.no_grad()
-    def freeze_adapter(self) -> None:
-        """Move the trainable adapter to the frozen ones and start a fresh one
-        (:meth:`reset_lora_parameters`): the output is unchanged."""
-        if self.merged:
-            raise RuntimeError("LoRALinear.freeze_adapter(): unmerge() first")
-        self.frozen_A = torch.cat([self.frozen_A, self.lora_A.detach()])
-        self.frozen_B = torch.cat([self.frozen_B, self.lora_B.detach()], dim=1)
-        self.reset_lora_parameters()
 
     @torch.no_grad()
     def folded_weight(self, sign: int = 1) -> torch.Tensor:
@@ -237,5 +221,62 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:.4g}, rslora={self.rslora}, "
-                f"lora_dtype={self.lora_A.dtype}, merged={self.merged}"
-                + (f", frozen_adapters={self.frozen_A.shape[0] // self.rank}" if self.frozen_A.shape[0] else ""))
+                f"lora_dtype={self.lora_A.dtype}, merged={self.merged}")
+
+
+class StackedLoRALinear(LoRALinear):
+    """A :class:`LoRALinear` that also adds earlier adapters, frozen: IncLoRA's and O-LoRA's layer.
+
+    ``y = x·Wᵀ + b + s·Σ_i (x·A_iᵀ)·B_iᵀ`` over the frozen adapters ``i < k`` (one per past
+    task) and the trainable one. The frozen ones sit in the buffers ``frozen_A`` (k·r×in)
+    and ``frozen_B`` (out×k·r), stacked by :meth:`freeze_adapter`; all share the scaling,
+    so the forward runs the fused op once on the concatenation ``[frozen_A; lora_A]``,
+    ``[frozen_B, lora_B]``: one rank-(k+1)·r product. The buffers are not in the state
+    dict (the strategies checkpoint them), so a model's ``state_dict`` keys do not change.
+
+    Built by :meth:`install` on an existing module, in place (the way
+    ``torch.nn.utils.parametrize`` gives a module its parametrized class): the module keeps
+    its identity, its Parameters and its place in the model, so the optimizer, the
+    strategies' module lists and :meth:`LoRALinear.to_linear` see no difference.
+    """
+
+    frozen_A: torch.Tensor
+    frozen_B: torch.Tensor
+
+    @classmethod
+    def install(cls, module: LoRALinear) -> StackedLoRALinear:
+        """Turn ``module`` into a :class:`StackedLoRALinear` with no frozen adapter yet (the output
+        is unchanged); a module that is one already is returned as it is."""
+        if isinstance(module, cls):
+            return module
+        if type(module) is not LoRALinear:
+            raise TypeError(f"StackedLoRALinear.install: expected a LoRALinear, got {type(module).__name__}")
+        factory = {"device": module.lora_A.device, "dtype": module.lora_A.dtype}
+        module.__class__ = cls
+        module.register_buffer("frozen_A", torch.empty(0, module.in_features, **factory), persistent=False)
+        module.register_buffer("frozen_B", torch.empty(module.out_features, 0, **factory), persistent=False)
+        return module
+
+    @property
+    def frozen_adapters(self) -> int:
+        """How many frozen adapters the module adds (k)."""
+        return self.frozen_A.shape[0] // self.rank
+
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of everything the forward adds: the trainable adapter, after the frozen ones."""
+        if self.frozen_A.shape[0] == 0:
+            return self.lora_A, self.lora_B
+        return torch.cat([self.frozen_A, self.lora_A]), torch.cat([self.frozen_B, self.lora_B], dim=1)
+
+    @torch.no_grad()
+    def freeze_adapter(self) -> None:
+        """Move the trainable adapter to the frozen ones and start a fresh one
+        (:meth:`reset_lora_parameters`): the output is unchanged."""
+        if self.merged:
+            raise RuntimeError("StackedLoRALinear.freeze_adapter(): unmerge() first")
+        self.frozen_A = torch.cat([self.frozen_A, self.lora_A.detach()])
+        self.frozen_B = torch.cat([self.frozen_B, self.lora_B.detach()], dim=1)
+        self.reset_lora_parameters()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, frozen_adapters={self.frozen_adapters}"

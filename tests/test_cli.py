@@ -197,10 +197,18 @@ def test_generated_suite_size_limit_names_both_flags(model_dir, tmp_path, capsys
     (["--targets", "q_proj,foo"], "--targets: ['foo'] match no linear layer of this LlamaForCausalLM; accepted: a "
                                   "comma-separated subset of down_proj,gate_proj,k_proj,lm_head,o_proj,q_proj,"
                                   "up_proj,v_proj"),
-    (["--option", "lam=2"], "--strategy slao with lam=2: lam must be one of"),
-    (["--option", "init=bogus"], "--strategy slao with init=bogus: init must be one of"),
-    (["--strategy", "olora", "--option", "weight=-1"], "--strategy olora with weight=-1: olora weight must be >= 0"),
-    (["--strategy", "slice", "--option", "c=2"], "--strategy slice with c=2: slice c must be in [0, 1]"),
+    (["--option", "lam=2"], "--strategy slao with lam=2: lam must be inv_sqrt, inv or a number in (0, 1], got '2'"),
+    (["--option", "init=bogus"], "--strategy slao with init=bogus: init must be one of 'orthogonal', 'last_ft', "
+                                 "'last_merge', 'random', got 'bogus'"),
+    (["--strategy", "olora", "--option", "weight=-1"],
+     "--strategy olora with weight=-1: weight must be a number >= 0, got '-1'"),
+    (["--strategy", "slice", "--option", "c=2"], "--strategy slice with c=2: c must be a number in [0, 1], got '2'"),
+    (["--strategy", "slice", "--option", "grad_batches=2.5"],
+     "--strategy slice with grad_batches=2.5: grad_batches must be an integer >= 1, got '2.5'"),
+    (["--strategy", "slice", "--option", "max_gradient_bytes=lots"],
+     "--strategy slice with max_gradient_bytes=lots: max_gradient_bytes must be an integer >= 1 or none, got 'lots'"),
+    (["--strategy", "slice", "--option", "scope=none"],  # a string option takes "none" as a string, not None
+     "--strategy slice with scope=none: scope must be one of 'global', 'module', got 'none'"),
 ])
 def test_adapter_is_checked_against_the_model_config_before_loading_weights(extra, message, model_dir, tmp_path,
                                                                              capsys, no_weight_loading):
@@ -394,6 +402,8 @@ def test_strategy_options_reach_the_strategy(model_dir, tmp_path):
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["config"]["strategy_config"] == {"lam": 0.25, "init": "last_ft", "merge": "AB"}
     assert [t["lambda"] for t in report["timings"]["tasks"]] == [1.0, 0.25]  # task 1 takes its adapter as is
+    # eval loads the checkpoint through the run's strategy, built with the run's options (SLAO refuses others)
+    assert main(["eval", out, "--max-test", "2"]) == 0
     out = str(tmp_path / "olora")
     assert main(["run", "--model", model_dir, "--out", out, *TINY_RUN, "--strategy", "olora",
                  "--option", "weight=0.125"]) == 0

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from slao_kernels import LoRALinear
+from slao_kernels.nn import StackedLoRALinear
 from slao_kernels.reference import lora_linear_ref
 
 
@@ -124,7 +125,7 @@ def test_frozen_adapters_add_up_and_merge():
     """freeze_adapter keeps the output, the frozen factors take no gradient, and merge /
     delta_weight cover the frozen adapters with the trainable one."""
     torch.manual_seed(0)
-    m = LoRALinear(torch.nn.Linear(24, 20), rank=3, alpha=6.0)
+    m = StackedLoRALinear.install(LoRALinear(torch.nn.Linear(24, 20), rank=3, alpha=6.0))
     x = torch.randn(5, 24)
     adapters = []
     for _ in range(3):
@@ -143,6 +144,29 @@ def test_frozen_adapters_add_up_and_merge():
     out = m(x)
     m.merge()
     torch.testing.assert_close(m(x), out, rtol=1e-5, atol=1e-5)
+
+
+def test_a_plain_lora_linear_holds_one_adapter_and_stacking_is_installed_in_place():
+    """LoRALinear carries no frozen-adapter state; StackedLoRALinear.install keeps the module's
+    identity, Parameters, output and state-dict keys, and is idempotent."""
+    torch.manual_seed(0)
+    model = nn.Sequential(LoRALinear(nn.Linear(24, 20), rank=3, alpha=6.0))
+    m = model[0]
+    assert not hasattr(m, "frozen_A") and not hasattr(m, "freeze_adapter") and "frozen" not in repr(m)
+    assert list(dict(m.named_buffers())) == []
+    with torch.no_grad():
+        m.lora_B.normal_()
+    x = torch.randn(5, 24)
+    before, keys, params = m(x), list(model.state_dict()), (m.weight, m.lora_A, m.lora_B)
+    stacked = StackedLoRALinear.install(m)
+    assert stacked is m and model[0] is m and isinstance(m, StackedLoRALinear)
+    assert (m.weight, m.lora_A, m.lora_B) == params and list(model.state_dict()) == keys
+    assert m.frozen_A.shape == (0, 24) and m.frozen_B.shape == (20, 0) and m.frozen_adapters == 0
+    assert torch.equal(m(x), before)
+    m.freeze_adapter()
+    assert StackedLoRALinear.install(m) is m and m.frozen_adapters == 1  # a second install changes nothing
+    with pytest.raises(TypeError, match="expected a LoRALinear"):
+        StackedLoRALinear.install(nn.Linear(3, 3))
 
 
 # --- issue 12 (defect 10): every argument checked at construction, naming it; the base is untouched on refusal ---

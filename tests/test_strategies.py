@@ -299,3 +299,168 @@ def test_the_run_exports_a_peft_adapter_only_when_the_result_is_one_adapter(stra
                         log=lambda s: None)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists() == exported
     assert ("adapter" in report) == exported
+
+
+# --- issue 16: one interface (a Protocol), a registry of (config, strategy) by name, typed configs ---
+
+
+def test_every_registered_strategy_satisfies_the_protocol(tokenizer):
+    import dataclasses
+
+    from slao_kernels.continual.strategies import Strategy, StrategyConfig
+
+    for name, entry in STRATEGIES.items():
+        assert entry.strategy.name == name and entry.strategy.config_class is entry.config
+        assert issubclass(entry.config, StrategyConfig) and entry.config.__dataclass_params__.frozen
+        model = _model(tokenizer)
+        patch_llama(model, LORA)
+        s = make_strategy(name, model)
+        assert isinstance(s, Strategy), name
+        assert s.config() == entry.config().report()
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            entry.config().__setattr__("x", 1)
+
+
+def test_slao_config_declares_exactly_the_controllers_choices():
+    import typing
+
+    from slao_kernels.continual.slao import INITS, LAMBDAS, MERGES
+    from slao_kernels.continual.strategies.config import SLAOConfig
+
+    types = SLAOConfig.option_types()
+    assert typing.get_args(types["init"]) == INITS and typing.get_args(types["merge"]) == MERGES
+    assert typing.get_args(typing.get_args(types["lam"])[0]) == LAMBDAS
+
+
+def test_configs_check_types_and_ranges_naming_the_field():
+    from slao_kernels.continual.strategies.config import LoRAGAConfig, OLoRAConfig, SLAOConfig, SLICEConfig
+
+    assert OLoRAConfig(weight=1).weight == 1.0 and type(OLoRAConfig(weight=1).weight) is float  # an int is a number
+    assert SLAOConfig(lam=0.5).lam == 0.5 and SLAOConfig(lam="inv").lam == "inv"
+    for cls, options, error, message in [
+            (OLoRAConfig, {"weight": "0.5"}, TypeError, "OLoRAConfig.weight must be a number >= 0, got '0.5' (str)"),
+            (OLoRAConfig, {"weight": float("nan")}, ValueError, "OLoRAConfig.weight must be a number >= 0"),
+            (LoRAGAConfig, {"grad_batches": 2.0}, TypeError, "grad_batches must be an integer >= 1, got 2.0"),
+            (LoRAGAConfig, {"grad_batches": True}, TypeError, "grad_batches must be an integer >= 1, got True"),
+            (LoRAGAConfig, {"gamma": 0}, ValueError, "gamma must be a number > 0, got 0.0"),
+            (SLAOConfig, {"lam": True}, TypeError, "lam must be inv_sqrt, inv or a number in (0, 1], got True"),
+            (SLAOConfig, {"lam": 0}, ValueError, "lam must be inv_sqrt, inv or a number in (0, 1], got 0.0"),
+            (SLAOConfig, {"init": "svd"}, ValueError, "init must be one of 'orthogonal', 'last_ft', 'last_merge', "
+                                                      "'random', got 'svd'"),
+            (SLICEConfig, {"max_gradient_bytes": 0}, ValueError, "an integer >= 1 or none, got 0")]:
+        with pytest.raises(error) as raised:
+            cls(**options)
+        assert message in str(raised.value), raised.value
+    # the report lists what the run's report listed before: the seed is an option, not a reported one
+    assert list(SLICEConfig().report()) == ["grad_batches", "max_gradient_bytes", "c", "scope", "buffer_per_task"]
+    assert list(LoRAGAConfig().report()) == ["grad_batches", "max_gradient_bytes", "gamma"]
+
+
+def test_options_parse_from_text_by_their_declared_type():
+    from slao_kernels.continual.strategies.config import LoRAGAConfig, OLoRAConfig, SLAOConfig, SLICEConfig
+
+    assert SLAOConfig.parse_option("lam", "inv") == "inv" and SLAOConfig.parse_option("lam", "1") == 1.0
+    assert SLICEConfig.parse_option("max_gradient_bytes", "none") is None
+    assert SLICEConfig.parse_option("max_gradient_bytes", "4096") == 4096
+    assert SLICEConfig.parse_option("scope", "module") == "module"
+    assert type(OLoRAConfig.parse_option("weight", "1")) is float and LoRAGAConfig.parse_option("seed", "-3") == -3
+    for cls, key, text, message in [(SLICEConfig, "scope", "none", "one of 'global', 'module', got 'none'"),
+                                    (SLICEConfig, "buffer_per_task", "true", "an integer >= 0, got 'true'"),
+                                    (SLAOConfig, "init", "Orthogonal", "got 'Orthogonal'"),
+                                    (SLAOConfig, "lam", "nan", "a number in (0, 1], got 'nan'")]:
+        with pytest.raises(ValueError, match="^" + key + " must be") as raised:
+            cls.parse_option(key, text)
+        assert message in str(raised.value)
+    with pytest.raises(ValueError, match="has no option 'lr'; its options: \\['weight'\\]"):
+        OLoRAConfig.parse_option("lr", "1")
+
+
+def test_make_strategy_takes_a_config_or_options_and_refuses_the_wrong_config(tokenizer):
+    from slao_kernels.continual.strategies.config import OLoRAConfig, SLICEConfig
+
+    model = _model(tokenizer)
+    patch_llama(model, LORA)
+    assert make_strategy("olora", model, OLoRAConfig(weight=0.25)).config() == {"weight": 0.25}
+    with pytest.raises(TypeError, match="strategy 'olora' takes a OLoRAConfig, got SLICEConfig"):
+        make_strategy("olora", model, SLICEConfig())
+    with pytest.raises(TypeError, match="not both"):
+        make_strategy("olora", model, OLoRAConfig(), weight=0.5)
+    with pytest.raises(ValueError, match=r"strategy 'olora' has no option\(s\) \['wieght'\]; its options: "):
+        make_strategy("olora", model, wieght=1)
+    with pytest.raises(ValueError, match="unknown strategy 'ewc'; available"):
+        make_strategy("ewc", model)
+
+
+def test_only_the_stacking_strategies_give_their_layers_frozen_adapters(tokenizer):
+    from slao_kernels.nn import StackedLoRALinear
+
+    for name in STRATEGIES:
+        model = _model(tokenizer)
+        patch_llama(model, LORA)
+        before = lora_modules(model)
+        s = make_strategy(name, model)
+        after = lora_modules(model)
+        assert all(after[n] is m for n, m in before.items())  # in place: the same modules
+        stacked = {type(m) is StackedLoRALinear for m in after.values()}
+        assert stacked == {name in ("inclora", "olora")}, name
+        assert all(s.modules[n] is m for n, m in after.items())
+
+
+def test_an_inclora_checkpoint_in_the_format_of_before_restores(tokenizer, tmp_path):
+    """The tensors and fields IncLoRA wrote when LoRALinear held the frozen adapters: restored as they were."""
+    from slao_kernels.continual.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = _model(tokenizer)
+    patch_llama(model, LORA)
+    tensors = {}
+    for n, m in lora_modules(model).items():
+        for f, shape in (("lora_A", m.lora_A.shape), ("lora_B", m.lora_B.shape),
+                         ("frozen_A", (8, m.in_features)), ("frozen_B", (m.out_features, 8))):
+            tensors[f"{n}.{f}"] = torch.randn(shape)
+    save_checkpoint(str(tmp_path), tensors, {"strategy": "inclora", "tasks_begun": 3})
+    s = make_strategy("inclora", model)
+    s.load(str(tmp_path))
+    assert s.tasks_begun == 3
+    for n, m in s.modules.items():
+        assert m.frozen_adapters == 2 and torch.equal(m.frozen_B, tensors[f"{n}.frozen_B"])
+        x = torch.randn(2, m.in_features)
+        A = torch.cat([tensors[f"{n}.frozen_A"], tensors[f"{n}.lora_A"]])
+        B = torch.cat([tensors[f"{n}.frozen_B"], tensors[f"{n}.lora_B"]], dim=1)
+        torch.testing.assert_close(m(x), x @ m.weight.t() + m.scaling * (x @ A.t()) @ B.t(), rtol=1e-4, atol=1e-4)
+
+
+def test_a_slao_checkpoint_of_another_ablation_is_refused_before_the_model_changes(tokenizer, tmp_path):
+    model = _model(tokenizer)
+    patch_llama(model, LORA)
+    writer = make_strategy("slao", model, init="random")
+    writer.begin_task(None)
+    with torch.no_grad():
+        for p in writer.parameters():
+            p.add_(1.0)
+    writer.end_task(None)
+    writer.save(str(tmp_path))
+    fresh = _model(tokenizer)
+    patch_llama(fresh, LORA)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match="was written by SLAO\\(lam='inv_sqrt', init='random', merge='B'\\)"):
+        make_strategy("slao", fresh).load(str(tmp_path))
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
+    same = make_strategy("slao", fresh, init="random")
+    same.load(str(tmp_path))
+    assert same.slao.task_index == 1
+
+
+def test_gradient_inits_fold_with_the_modules_own_merge(tokenizer):
+    """end_task's W ← W + s·B·A is bit for bit LoRALinear.merge's fold."""
+    model = _model(tokenizer)
+    patch_llama(model, LORA)
+    s = make_strategy("lora_ga", model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in s.modules.values():
+            m.lora_B.normal_()
+    expected = {n: m.folded_weight(+1) for n, m in s.modules.items()}
+    s.end_task(None)
+    for n, m in s.modules.items():
+        assert torch.equal(m.weight, expected[n]) and not m.lora_B.any()

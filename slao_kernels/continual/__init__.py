@@ -1,7 +1,7 @@
 """Continual learning over a LoRA-patched model: strategies, task streams, training, metrics, the runner.
 
   SLAO, merge_weight              the SLAO controller (slao.py)
-  Strategy, make_strategy, ...    the strategy interface of the runner (strategies.py)
+  Strategy, make_strategy, ...    the strategy interface and registry of the runner (strategies/)
   Task, Example, load_task_dir,   task streams: CL_Benchmark directories, Hugging Face datasets,
   load_hf_task, generated_suite,  the built-in generated suite, the literature's task orders
   ORDERS

@@ -26,24 +26,33 @@ import time
 from collections.abc import Callable, Sequence
 
 from slao_kernels.continual.runner import RunConfig, run_stream
-from slao_kernels.continual.strategies import option_value, strategy_options
+from slao_kernels.continual.strategies import registered_strategy
 from slao_kernels.continual.tasks import Task
 
 METRICS = ("aa", "bwt", "fwt", "forgetting", "ap", "fp")
 
 
 def parse_spec(spec: str) -> tuple[str, dict]:
-    """``"slice:c=0.5,scope=module"`` → ``("slice", {"c": 0.5, "scope": "module"})``, checked."""
+    """``"slice:c=0.5,scope=module"`` → ``("slice", {"c": 0.5, "scope": "module"})``, checked: each
+    value read by the declared type of the strategy's config field (:meth:`StrategyConfig.parse_option
+    <slao_kernels.continual.strategies.StrategyConfig.parse_option>`)."""
     name, _, rest = spec.partition(":")
-    options = {}
+    config = registered_strategy(name).config
+    pairs = []
     for item in filter(None, rest.split(",")):
-        key, sep, value = item.partition("=")
+        key, sep, text = item.partition("=")
         if not sep:
             raise ValueError(f"strategy spec {spec!r}: options are key=value, got {item!r}")
-        options[key] = option_value(value)
-    unknown = sorted(set(options) - set(strategy_options(name)))
+        pairs.append((key, text))
+    unknown = sorted({key for key, _ in pairs} - set(config.option_names()))
     if unknown:
         raise ValueError(f"strategy spec {spec!r}: {name!r} has no option(s) {unknown}")
+    options = {}
+    for key, text in pairs:
+        try:
+            options[key] = config.parse_option(key, text)
+        except ValueError as e:
+            raise ValueError(f"strategy spec {spec!r}: {e}") from None
     return name, options
 
 
