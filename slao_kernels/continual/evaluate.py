@@ -78,7 +78,8 @@ def score_options(model: nn.Module, prompts: list[list[int]], options: list[list
                          use_cache=True).last_hidden_state  # (n, len − 1, d)
         cache.crop(-(len(option) - 1))  # a negative count removes that many tokens (transformers 4.4x to 5.x)
         if cache.get_seq_length() != width:
-            raise RuntimeError(f"the KV cache holds {cache.get_seq_length()} positions after cropping, expected {width}")
+            raise RuntimeError(f"the KV cache holds {cache.get_seq_length()} positions after cropping, "
+                               f"expected {width}")
         targets = torch.tensor(option[1:], device=device).repeat(n)
         logp = _token_logprobs(head, hidden.reshape(-1, hidden.shape[-1]), targets)
         scores[:, j] += logp.view(n, -1).sum(1)
@@ -106,7 +107,7 @@ def evaluate_task(model: nn.Module, encoder: PromptEncoder, task: Task, batch_si
                 progress(len(chunk))
     finally:
         model.train(was_training)
-    correct = sum(task.labels[p] == r.label for p, r in zip(predictions, rows))
+    correct = sum(task.labels[p] == r.label for p, r in zip(predictions, rows, strict=True))
     return {"accuracy": correct / len(rows), "correct": correct, "total": len(rows), "predictions": predictions}
 
 

@@ -89,7 +89,7 @@ class AnswerBatch:
     positions: torch.Tensor       # (N,) int64
     targets: torch.Tensor         # (N,) int64
 
-    def to(self, device) -> "AnswerBatch":
+    def to(self, device) -> AnswerBatch:
         return AnswerBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.rows,
                                                     self.positions, self.targets)))
 

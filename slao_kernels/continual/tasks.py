@@ -61,7 +61,8 @@ class Task:
         labels = tuple(self.labels)
         object.__setattr__(self, "labels", labels)
         if len(labels) < 2 or len(set(labels)) != len(labels) or not all(isinstance(x, str) and x for x in labels):
-            raise ValueError(f"task {self.name!r}: labels must be at least two distinct non-empty strings, got {labels!r}")
+            raise ValueError(f"task {self.name!r}: labels must be at least two distinct non-empty strings, "
+                             f"got {labels!r}")
         for split in ("train", "test"):
             rows = tuple(getattr(self, split))
             object.__setattr__(self, split, rows)
@@ -281,7 +282,8 @@ def generated_suite(names: Sequence[str] | str | None = None, train_size: int = 
         seed: the same seed gives the same rows on every machine.
     """
     if train_size < 1 or test_size < 2 or train_size + test_size > 400:
-        raise ValueError(f"generated_suite needs train_size >= 1, test_size >= 2 and at most 400 rows (distinct three-digit numbers per label), got {train_size}, {test_size}")
+        raise ValueError("generated_suite needs train_size >= 1, test_size >= 2 and at most 400 rows (distinct "
+                         f"three-digit numbers per label), got {train_size}, {test_size}")
     order = resolve_order(names, list(GENERATED_RULES))
     tasks = []
     for name in order:

@@ -198,7 +198,7 @@ class Tuner:
             return by_name[best]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def multiprocessor_count(index: int) -> int:
     """Streaming multiprocessors of CUDA device ``index`` (queried once; never at import)."""
     return torch.cuda.get_device_properties(index).multi_processor_count
