@@ -17,8 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slao_kernels._checks import (FLOAT_DTYPES, check_adapter_dtype, check_alpha, check_dropout, check_rank,
-                                  check_rslora, check_scaling, lora_scaling)
+from slao_kernels._checks import (
+    FLOAT_DTYPES,
+    check_adapter_dtype,
+    check_alpha,
+    check_dropout,
+    check_rank,
+    check_rslora,
+    check_scaling,
+    lora_scaling,
+)
 from slao_kernels.ops.lora_linear import lora_linear
 
 

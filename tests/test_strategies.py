@@ -8,8 +8,15 @@ from conftest import interrupted_at_task, tiny_model, tiny_tokenizer
 
 from slao_kernels import LoRAConfig, patch_llama
 from slao_kernels.continual import PromptEncoder, RunConfig, TrainConfig, generated_suite, run_stream
-from slao_kernels.continual.gradients import (full_weight_gradients, global_dots, lora_ga_factors, module_chunks,
-                                              pcgrad, slice_factors, svd_factors)
+from slao_kernels.continual.gradients import (
+    full_weight_gradients,
+    global_dots,
+    lora_ga_factors,
+    module_chunks,
+    pcgrad,
+    slice_factors,
+    svd_factors,
+)
 from slao_kernels.continual.prompts import collate_answers
 from slao_kernels.continual.strategies import STRATEGIES, make_strategy, orthogonality_penalty
 from slao_kernels.continual.train import answer_loss

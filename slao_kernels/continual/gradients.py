@@ -82,7 +82,7 @@ def full_weight_gradients(model: nn.Module, modules: dict[str, LoRALinear], name
     finally:
         for h in handles:
             h.remove()
-        for p, f in zip(params, flags):
+        for p, f in zip(params, flags, strict=True):
             p.requires_grad_(f)
     if count == 0:
         raise ValueError("full_weight_gradients: no batches")

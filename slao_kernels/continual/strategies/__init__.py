@@ -162,8 +162,16 @@ def make_strategy(name: str, model: nn.Module, config: StrategyConfig | None = N
 
 # the strategy modules register themselves; imported last, as they build on the names above, and in
 # this order (the registry's order: the CLI's --strategy choices)
-from slao_kernels.continual.strategies.lora import (IncLoRA, LoRAStrategy, MultiTask, OLoRA,  # noqa: E402
-                                                    SeqLoRA, SLAOStrategy, orthogonality_penalty)
+from slao_kernels.continual.strategies.lora import (  # noqa: E402
+    IncLoRA,
+    LoRAStrategy,
+    MultiTask,
+    OLoRA,
+    SeqLoRA,
+    SLAOStrategy,
+    orthogonality_penalty,
+)
+
 from slao_kernels.continual.strategies.gradient_init import LoRAGA, SLICE  # noqa: E402  isort: skip
 
 __all__ = ["STRATEGIES", "SLICE", "IncLoRA", "LoRAGA", "LoRAStrategy", "MultiTask", "OLoRA", "RegisteredStrategy",

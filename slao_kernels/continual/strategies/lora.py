@@ -17,8 +17,13 @@ from torch import nn
 
 from slao_kernels.continual.slao import SLAO
 from slao_kernels.continual.strategies import StrategyConfig, own_config, register_strategy
-from slao_kernels.continual.strategies.config import (IncLoRAConfig, MultiTaskConfig, OLoRAConfig, SeqLoRAConfig,
-                                                      SLAOConfig)
+from slao_kernels.continual.strategies.config import (
+    IncLoRAConfig,
+    MultiTaskConfig,
+    OLoRAConfig,
+    SeqLoRAConfig,
+    SLAOConfig,
+)
 from slao_kernels.continual.tasks import Task
 from slao_kernels.nn import LoRALinear, StackedLoRALinear
 from slao_kernels.patching import lora_modules
