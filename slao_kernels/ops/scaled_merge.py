@@ -7,8 +7,9 @@ For every adapted layer i, in place::
 with ``λ = λ(t)`` of task t (SLAO: ``1/√t``), computed in fp32 (fp64 for
 fp64) as ``(1 − λ)·B_merge + λ·B_ft``: the same value, but exact at λ = 1
 (SLAO's first task sets ``B_merge = B_ft``) and at λ = 0. Shapes may differ
-per layer (q/k/v/o/gate/up/down); each pair shares a shape, dtype and device. Source: "Merge before Forget" (arXiv 2512.23017), the
-B-merge step; docs/design.md §1.2.
+per layer (q/k/v/o/gate/up/down); each pair shares a shape, dtype and device.
+Source: "Merge before Forget" (arXiv 2512.23017), the B-merge step;
+docs/design.md §1.2.
 
 CUDA design (Triton): one launch per dtype for all layers. The host builds a
 table of (layer, first element) per BLOCK-sized chunk and the layers' data
