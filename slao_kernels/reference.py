@@ -49,14 +49,14 @@ def lora_linear_backward_ref(grad_out, grad_act, x, weight, lora_A, lora_B, lora
 def scaled_merge_ref(merged, fine_tuned, lam, check_finite):
     """In-place ``merged[i] ← merged[i] + lam·(fine_tuned[i] − merged[i])`` (``slao::scaled_merge_``)."""
     results = []
-    for i, (m, f) in enumerate(zip(merged, fine_tuned)):
+    for i, (m, f) in enumerate(zip(merged, fine_tuned, strict=True)):
         acc = torch.promote_types(m.dtype, torch.float32)
         out = ((1.0 - lam) * m.to(acc) + lam * f.to(acc)).to(m.dtype)  # exact at lam = 0 and 1
         if check_finite and not torch.isfinite(out).all():
             raise ValueError(f"scaled_merge_: the merge would write non-finite values into tensor {i} "
                              f"(shape {tuple(m.shape)}); nothing was written")
         results.append(out)
-    for m, out in zip(merged, results):
+    for m, out in zip(merged, results, strict=True):
         m.copy_(out)
 
 
@@ -128,7 +128,7 @@ def orthonormalize_rows_inplace_ref(A):
             raise ValueError(f"orthonormalize_rows_: A[{i}] holds NaN or Inf values; it has no orthonormal row "
                              "basis (nothing was written)")
     results = [orthonormalize_rows_ref(M.unsqueeze(0)) for M in A]
-    for M, (Q, _) in zip(A, results):
+    for M, (Q, _) in zip(A, results, strict=True):
         M.copy_(Q.squeeze(0))
     flags = [deficient for _, deficient in results]
     return torch.cat(flags) if flags else torch.zeros((0,), dtype=torch.bool)

@@ -61,7 +61,7 @@ def check_forward(out, act, x, weight, b, A, B, s):
 def check_backward(grads, dy, ga, x, weight, A, B, act, s):
     pt, ref = reference_pair(reference.lora_linear_backward_ref, dy, ga, x, weight, A, B, act, s, True, dt=x.dtype,
                              keep=BACKWARD_ADAPTER)
-    for name, g, g_pt, g_ref, like in zip(("grad_x", "grad_A", "grad_B"), grads, pt, ref, (x, A, B)):
+    for name, g, g_pt, g_ref, like in zip(("grad_x", "grad_A", "grad_B"), grads, pt, ref, (x, A, B), strict=True):
         assert g.dtype == like.dtype and g.shape == like.shape, name
         assert_close_to_ref(g, g_pt, g_ref, name)
 

@@ -24,8 +24,14 @@ def main(argv=None) -> int:
     import torch
 
     from slao_kernels.continual import RunConfig, TrainConfig, load_task_dir
-    from slao_kernels.continual.compare import (collect_runs, format_summary, parse_spec, run_comparison, summarize,
-                                                write_summary)
+    from slao_kernels.continual.compare import (
+        collect_runs,
+        format_summary,
+        parse_spec,
+        run_comparison,
+        summarize,
+        write_summary,
+    )
     from slao_kernels.continual.models import load_model
     from slao_kernels.patching import LoRAConfig
 

@@ -60,7 +60,7 @@ def run(targets=(90, 80), jobs=None) -> list[dict]:
     n = len(all_specs())
     work = [(i, cc) for cc in targets for i in range(n)]
     with ProcessPoolExecutor(max_workers=jobs or os.cpu_count()) as pool:
-        return list(pool.map(compile_one, *zip(*work), chunksize=4))
+        return list(pool.map(compile_one, *zip(*work, strict=True), chunksize=4))
 
 
 def main(argv=None) -> int:

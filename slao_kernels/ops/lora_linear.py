@@ -44,7 +44,13 @@ from slao_kernels import reference
 from slao_kernels._checks import check_frozen, check_lora_linear_args
 from slao_kernels._ops import LIB, act_dtype, compute_dtype, register_kernels
 from slao_kernels.ops._triton import (
-    DTYPE_PAIRS, RANK_BLOCKS, AotSpec, dot_acc, dot_dtype, gpu_dot_variants, rank_block,
+    DTYPE_PAIRS,
+    RANK_BLOCKS,
+    AotSpec,
+    dot_acc,
+    dot_dtype,
+    gpu_dot_variants,
+    rank_block,
 )
 
 # --------------------------------------------------------------------------- kernels

@@ -351,7 +351,7 @@ def orthonormalize_rows_(A):
             raise ValueError(f"A[{bad}] must be contiguous to be orthonormalized in place "
                              f"(strides {matrices[bad].stride()})")
         names = [f"A[{i}]" for i in range(len(matrices))]
-        for name, M in zip(names, matrices):
+        for name, M in zip(names, matrices, strict=True):
             _check_no_grad(name, M)
     devices = list(dict.fromkeys(M.device for M in matrices))
     if len(devices) > 1:  # one op call per device: all of them checked before the first writes

@@ -171,7 +171,7 @@ def scaled_merge_(merged, fine_tuned, lam: float, check_finite: bool = False):
     f_list = [fine_tuned] if isinstance(fine_tuned, torch.Tensor) else list(fine_tuned)
     if len(m_list) != len(f_list):
         raise ValueError(f"scaled_merge_: {len(m_list)} merged tensors but {len(f_list)} fine-tuned ones")
-    for i, (m, f) in enumerate(zip(m_list, f_list)):
+    for i, (m, f) in enumerate(zip(m_list, f_list, strict=True)):
         check_tensor(f"merged[{i}]", m)
         check_tensor(f"fine_tuned[{i}]", f)
         if m.shape != f.shape or m.dtype != f.dtype or m.device != f.device:
