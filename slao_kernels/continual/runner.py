@@ -233,7 +233,8 @@ def run_stream(model: nn.Module, tokenizer, tasks: Sequence[Task], config: RunCo
             t0 = time.perf_counter()
             report["zero_shot"] = _eval_all(model, encoder, tasks, config, "zero-shot eval", progress)
             report["timings"]["zero_shot_eval_s"] = time.perf_counter() - t0
-            log("zero-shot accuracy: " + ", ".join(f"{n} {a:.3f}" for n, a in zip(names, report["zero_shot"])))
+            log("zero-shot accuracy: "
+                + ", ".join(f"{n} {a:.3f}" for n, a in zip(names, report["zero_shot"], strict=True)))
             save_report()
         for i, task in enumerate(tasks):
             if i < done:
@@ -281,7 +282,7 @@ def run_stream(model: nn.Module, tokenizer, tasks: Sequence[Task], config: RunCo
             _stage("report", i + 1)
             log(f"task {i + 1}/{len(tasks)} {task.name}: loss {trained['losses'][0]:.3f} → "
                 f"{trained['losses'][-1]:.3f} in {t2 - t1:.1f} s; accuracy "
-                + ", ".join(f"{n} {a:.3f}" for n, a in zip(names, row)))
+                + ", ".join(f"{n} {a:.3f}" for n, a in zip(names, row, strict=True)))
         current = len(tasks)
         report.update(cl_metrics(report["accuracy_matrix"], report["zero_shot"]))
         report["timings"]["total_s"] = time.perf_counter() - start  # of this process: after a resume, the rest

@@ -41,10 +41,10 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from slao_kernels import distributed as dist_utils
-from slao_kernels.continual.slao import SLAO
-from slao_kernels.peft_format import save_peft_adapter
 from slao_kernels._files import write_json_atomic
+from slao_kernels.continual.slao import SLAO
 from slao_kernels.patching import LLAMA_PROJECTIONS, LoRAConfig, lora_modules, patch_llama
+from slao_kernels.peft_format import save_peft_adapter
 
 ENGINES = ("none", "ddp", "fsdp2", "accelerate")
 # The arguments that define the result; a resumed run must repeat them (engine and world size may change).

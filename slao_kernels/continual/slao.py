@@ -109,7 +109,8 @@ class SLAO:
         model = dist_utils.unwrap_model(model)  # DDP's "module." would leak into the checkpoint's names
         self.modules: dict[str, LoRALinear] = lora_modules(model)
         if not self.modules:
-            raise ValueError("SLAO needs a model with LoRA adapters: call slao_kernels.patch_llama(model, config) first")
+            raise ValueError("SLAO needs a model with LoRA adapters: call slao_kernels.patch_llama(model, config) "
+                             "first")
         merged = [n for n, m in self.modules.items() if m.merged]
         if merged:
             raise ValueError(f"SLAO needs unmerged adapters; {merged[:3]} are merged into their base weights")
@@ -156,12 +157,12 @@ class SLAO:
         names = list(self.modules)
         # Save the merged factors, put the fine-tuned ones (or the init) in the model.
         if self.init == "last_merge":  # train on from the merged adapter; remember it for the merge
-            for n, m in zip(names, layers):
+            for n, m in zip(names, layers, strict=True):
                 local(self._b_other[n]).copy_(local(m.lora_B))
                 if self.merge in ("A", "AB"):
                     local(self._a_other[n]).copy_(local(m.lora_A))
             return
-        for n, m in zip(names, layers):
+        for n, m in zip(names, layers, strict=True):
             self._swap(m.lora_B, self._b_other, n)  # model: B_ft,i−1; buffer: B_merge,i−1
             if self.merge in ("A", "AB"):
                 self._swap(m.lora_A, self._a_other, n)  # model: A_ft,i−1; buffer: A_merge,i−1
@@ -190,10 +191,10 @@ class SLAO:
         names = list(self.modules)
         layers = list(self.modules.values())
         if not self._b_other:  # first task: allocate the one buffer per layer (sharded like its parameter)
-            self._b_other = {n: torch.empty_like(m.lora_B) for n, m in zip(names, layers)}
+            self._b_other = {n: torch.empty_like(m.lora_B) for n, m in zip(names, layers, strict=True)}
             if self.merge in ("A", "AB"):
-                self._a_other = {n: torch.empty_like(m.lora_A) for n, m in zip(names, layers)}
-            for n, m in zip(names, layers):  # "merged so far" = this task's result (λ(1) = 1)
+                self._a_other = {n: torch.empty_like(m.lora_A) for n, m in zip(names, layers, strict=True)}
+            for n, m in zip(names, layers, strict=True):  # "merged so far" = this task's result (λ(1) = 1)
                 local(self._b_other[n]).copy_(local(m.lora_B))
                 if self._a_other:
                     local(self._a_other[n]).copy_(local(m.lora_A))
@@ -204,14 +205,14 @@ class SLAO:
                 continue
             merges = {"lora_A": "A", "lora_B": "B"}[factor] in self.merge
             # the local rows (all of them unless sharded); a rank can hold none of a small A
-            pairs = [(local(buffers[n]), local(getattr(m, factor))) for n, m in zip(names, layers)]
+            pairs = [(local(buffers[n]), local(getattr(m, factor))) for n, m in zip(names, layers, strict=True)]
             pairs = [(b, p) for b, p in pairs if b.numel()]
             if merges and pairs:  # inputs checked finite above, on every rank
                 scaled_merge_([b for b, _ in pairs], [p for _, p in pairs], lam, check_finite=False)
             elif not merges:  # not merged: the model keeps the fine-tuned factor as the "merged" one
                 for b, p in pairs:
                     b.copy_(p)
-            for n, m in zip(names, layers):
+            for n, m in zip(names, layers, strict=True):
                 self._swap(getattr(m, factor), buffers, n)
         self.in_task = False
         self._undo = {}
@@ -293,7 +294,7 @@ class SLAO:
             return
         full = [gather(p) for p in params]
         orthonormalize_rows_(full)
-        for p, f in zip(params, full):
+        for p, f in zip(params, full, strict=True):
             write_full_(p, f)
 
     @staticmethod
@@ -379,7 +380,7 @@ class SLAO:
         return path
 
     @classmethod
-    def load(cls, model: nn.Module, directory: str) -> "SLAO":
+    def load(cls, model: nn.Module, directory: str) -> SLAO:
         """Resume from :meth:`save`: a controller over ``model`` (patched with the same
         targets, rank and shapes) in the saved state. A missing, corrupted or
         mismatched checkpoint raises before the model is touched.
