@@ -22,7 +22,8 @@ def test_every_kernel_config_compiles_for_sm90_and_sm80(tmp_path):
     assert all(r["ok"] and 0 <= r["shared"] <= aot.SHARED_LIMIT[int(r["target"][3:])] for r in records)
     # Every kernel of every op file is in the sweep.
     assert {s.kernel.fn.__name__ for s in specs} == {"_project_kernel", "_gemm_lowrank_kernel", "_rank_outer_kernel",
-                                                     "_scaled_merge_kernel", "_cholesky_qr2_kernel"}
+                                                     "_lowrank_update_kernel", "_scaled_merge_kernel",
+                                                     "_cholesky_qr2_kernel"}
 
 
 def test_compile_check_rejects_an_illegal_dot():

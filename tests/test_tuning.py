@@ -186,3 +186,30 @@ def test_the_update_kernel_reads_and_writes_through_strides():
     torch.testing.assert_close(out, before + 0.5 * p @ lt.t(), rtol=1e-5, atol=1e-5)  # fp32 sums of 8 terms
     assert torch.equal(lowrank_update(torch.empty(0, 5), torch.empty(0, 3), torch.empty(5, 3), 1.0),
                        torch.empty(0, 5))
+
+
+@pytest.mark.parametrize("dt,lora_dt", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+def test_the_fused_candidate_matches_the_reference_at_every_tile(dt, lora_dt):
+    """Each tile configuration the tuner may pick (the heuristic picks one per shape; tuning times all)."""
+    from slao_kernels.ops import lora_linear as op
+
+    x, w, p, lt, s, b = _product(37, 70, 48, 8, dt, lora_dt, True)
+    pt, ref = _want(x, w, p, lt, s, b, dt)
+    configs = op.gemm_configs(37, 70, dt, sms=op.INTERPRETER_SMS)
+    assert sorted(configs, key=str) == sorted(op.GEMM_CONFIGS[32 if dt == torch.float32 else 16], key=str)
+    for cfg in configs:
+        out = torch.empty(37, 70, dtype=dt, device=x.device)
+        op.gemm_lowrank(x, w, p, lt, s, b, out, cfg)
+        assert_close_to_ref(out, pt, ref, f"fused {cfg}")
+
+
+def test_the_heuristic_tile_follows_the_device_sm_count():
+    from slao_kernels.ops import lora_linear as op
+
+    big, small = op.GEMM_CONFIGS[16][0], op.GEMM_CONFIGS[16][-1]
+    tiles = (8192 // big.block_m) * (14336 // big.block_n)  # programs of the largest tile
+    assert op.gemm_configs(8192, 14336, torch.bfloat16, sms=tiles)[0] == big
+    assert op.gemm_configs(8192, 14336, torch.bfloat16, sms=tiles + 1)[0] != big
+    assert op.gemm_configs(16, 16, torch.bfloat16, sms=132)[0] == small
+    assert op.outer_splits(128 * op.ROWS_PER_SPLIT, programs=4, sms=132) == 66  # 2 per SM
+    assert op.outer_splits(128 * op.ROWS_PER_SPLIT, programs=4, sms=16) == 8

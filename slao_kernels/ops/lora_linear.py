@@ -52,6 +52,9 @@ from slao_kernels.ops._triton import (
     gpu_dot_variants,
     rank_block,
 )
+from slao_kernels.ops.lora_linear_candidates import aot_specs as _update_aot_specs
+from slao_kernels.ops.lora_linear_candidates import select
+from slao_kernels.ops.tuning import multiprocessor_count
 
 # --------------------------------------------------------------------------- kernels
 
@@ -219,20 +222,29 @@ SMALL_NUM_WARPS = 4
 ROWS_PER_SPLIT = 1024  # outer-product rows per program before splitting M
 
 
-def gemm_config(M: int, N: int, dtype: torch.dtype) -> GemmConfig:
-    """Pick the tile for an M×N output: the largest tile that still gives every
-    SM of an H100 (132) at least one program, else the smallest."""
+INTERPRETER_SMS = 8
+"""The SM count assumed where there is no GPU (the interpreter): speed does not matter there, and
+8 gives every tile and split path programs enough to run at test sizes."""
+
+
+def multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (queried from the device once), or :data:`INTERPRETER_SMS`."""
+    return multiprocessor_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else INTERPRETER_SMS
+
+
+def gemm_configs(M: int, N: int, dtype: torch.dtype, sms: int) -> tuple[GemmConfig, ...]:
+    """The tiles for an M×N output, the heuristic's pick first: the largest tile that still gives
+    every one of the device's ``sms`` SMs a program, else the smallest."""
     configs = GEMM_CONFIGS[32 if dtype == torch.float32 else 16]
-    for cfg in configs:
-        if triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n) >= 132:
-            return cfg
-    return configs[-1]
+    pick = next((c for c in configs if triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n) >= sms), configs[-1])
+    return (pick, *(c for c in configs if c is not pick))
 
 
-def outer_splits(M: int, programs: int) -> int:
-    """Number of M-splits of ``_rank_outer_kernel``: enough programs to fill a
-    GPU (~2 per SM of an H100), each with at least ROWS_PER_SPLIT rows."""
-    want = triton.cdiv(264, max(programs, 1))
+def outer_splits(M: int, programs: int, sms: int = INTERPRETER_SMS) -> int:
+    """Number of M-splits of ``_rank_outer_kernel``: enough programs to fill the
+    GPU (~2 per SM), each with at least ROWS_PER_SPLIT rows."""
+    want = triton.cdiv(2 * sms, max(programs, 1))
     return max(1, min(want, triton.cdiv(M, ROWS_PER_SPLIT)))
 
 
@@ -267,8 +279,9 @@ def project(x2, lt, scale, add=None, *, compute):
     return out
 
 
-def gemm_lowrank(x2, w, p, lt, scale, bias, out):
-    """``out ← x2·wᵀ + scale·p·ltᵀ + bias``; ``w`` is N×K and ``lt`` N×R (any strides).
+def gemm_lowrank(x2, w, p, lt, scale, bias, out, cfg: GemmConfig | None = None):
+    """``out ← x2·wᵀ + scale·p·ltᵀ + bias``; ``w`` is N×K and ``lt`` N×R (any strides);
+    ``cfg`` the tile (default: the heuristic's, :func:`gemm_configs`).
 
     Both products run in ``x2``'s dtype with fp32 accumulation: ``p`` and ``lt``
     are rounded to it, an error of the order of the output's own rounding."""
@@ -277,7 +290,7 @@ def gemm_lowrank(x2, w, p, lt, scale, bias, out):
     R = p.shape[1]
     if M == 0 or N == 0:
         return out
-    cfg = gemm_config(M, N, x2.dtype)
+    cfg = cfg or gemm_configs(M, N, x2.dtype, multiprocessors(x2.device))[0]
     dot, precision = dot_dtype(x2.dtype)
     bias_t = bias if bias is not None else out  # never read when HAS_BIAS is False
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
@@ -302,7 +315,7 @@ def rank_outer(p, y, scale, out, *, compute):
         return out.zero_()
     block_r = rank_block(R)
     programs = triton.cdiv(N, OUTER_BLOCK_N) * triton.cdiv(R, block_r)
-    splits = outer_splits(M, programs)
+    splits = outer_splits(M, programs, multiprocessors(p.device))
     rows = triton.cdiv(M, splits)
     # One split writes the result directly; several write fp32 partials that are
     # summed in a fixed order (deterministic, unlike atomics).
@@ -322,6 +335,16 @@ def rank_outer(p, y, scale, out, *, compute):
     return out
 
 
+def lowrank_product(op: str, x2, w, p, lt, scale, bias, out):
+    """``out ← x2·wᵀ + scale·p·ltᵀ + bias`` by the fastest candidate on a GPU (timed once per shape,
+    :mod:`slao_kernels.ops.lora_linear_candidates`); the fused kernel's heuristic tile elsewhere."""
+    if not out.is_cuda or x2.shape[0] == 0 or w.shape[0] == 0:
+        return gemm_lowrank(x2, w, p, lt, scale, bias, out)
+    configs = gemm_configs(x2.shape[0], w.shape[0], x2.dtype, multiprocessors(out.device))
+    select(op, x2, w, p, lt, scale, bias, out, gemm_lowrank, configs).run()
+    return out
+
+
 def _rows(t):
     """2-D row view of ``t`` (copies only when the leading dims cannot be merged)."""
     return t.reshape(-1, t.shape[-1])
@@ -333,7 +356,7 @@ def lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling):
     x2 = _rows(x)
     act = project(x2, lora_A, 1.0, compute=cdt)
     out = torch.empty((x2.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype)
-    gemm_lowrank(x2, weight, act, lora_B, scaling, bias, out)
+    lowrank_product("lora_linear.forward", x2, weight, act, lora_B, scaling, bias, out)
     lead = x.shape[:-1]
     return out.reshape(*lead, weight.shape[0]), act.to(act_dtype(x.dtype, lora_A.dtype)).reshape(*lead, lora_A.shape[0])
 
@@ -350,7 +373,7 @@ def lora_linear_backward_triton(grad_out, grad_act, x, weight, lora_A, lora_B, l
     if not input_grad:
         return x.new_empty((0,)), grad_A, grad_B
     grad_x = torch.empty((x2.shape[0], x2.shape[1]), device=x.device, dtype=x.dtype)
-    gemm_lowrank(dy, weight.t(), g, lora_A.t(), 1.0, None, grad_x)
+    lowrank_product("lora_linear.dx", dy, weight.t(), g, lora_A.t(), 1.0, None, grad_x)
     return grad_x.reshape(x.shape), grad_A, grad_B
 
 
@@ -477,3 +500,4 @@ def aot_specs():
                                    ("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n), ("BLOCK_K", cfg.block_k),
                                    ("BLOCK_R", LOWRANK_BLOCK), ("GROUP_M", cfg.group_m)),
                                   cfg.num_warps, cfg.num_stages)
+    yield from _update_aot_specs()  # the cublas+update candidate's kernel
