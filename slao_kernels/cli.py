@@ -7,6 +7,9 @@
                                          evaluate a run's adapter on tasks
     slao export RUN_DIR --peft DIR       write a run's adapter in PEFT's format (PEFT, vLLM)
     slao bench [--quick] [--json FILE]   kernel throughput on this machine, as ratios to torch
+    slao selftest [--json F] [--markdown F]
+                                         every kernel against its reference, then the speed table and
+                                         targets (the one command a session with a GPU runs)
     slao info                            versions, devices and which kernels are active
 
 Exit status: 0 on success; 2 for bad input (a flag out of range, a missing model
@@ -157,6 +160,19 @@ def cmd_bench(args) -> int:
                                       "task_switch_ops": switch})
         print(f"\nwrote {args.json}")
     return 0
+
+
+def cmd_selftest(args) -> int:
+    """``slao selftest``: correctness of every kernel and candidate, then speed (exit 1 on a failure)."""
+    from slao_kernels.benchmarking.selftest import run
+
+    _check_output_file("--json", args.json)
+    _check_output_file("--markdown", args.markdown)
+    data = run(args.json, args.markdown, quick=args.quick)
+    for path in (args.json, args.markdown):
+        if path:
+            print(f"wrote {path}")
+    return 0 if data["passed"] else 1
 
 
 def cmd_info(args) -> int:
@@ -561,6 +577,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rounds", type=_POSITIVE, default=30, help="interleaved timing rounds per case")
     b.add_argument("--json", default=None, help="also write the results (with device and versions) to this file")
     b.set_defaults(func=cmd_bench)
+    t = sub.add_parser("selftest", help="every kernel against its reference, then speed: what a GPU session runs")
+    t.add_argument("--json", default=None, help="the report as JSON (rewritten after every check)")
+    t.add_argument("--markdown", default=None, help="the report as a markdown table")
+    t.add_argument("--quick", action="store_true", help="time only the first shape, with fewer rounds")
+    t.set_defaults(func=cmd_selftest)
     i = sub.add_parser("info", help="versions, devices, active kernels")
     i.set_defaults(func=cmd_info)
     return parser
