@@ -213,3 +213,124 @@ def test_the_heuristic_tile_follows_the_device_sm_count():
     assert op.gemm_configs(16, 16, torch.bfloat16, sms=132)[0] == small
     assert op.outer_splits(128 * op.ROWS_PER_SPLIT, programs=4, sms=132) == 66  # 2 per SM
     assert op.outer_splits(128 * op.ROWS_PER_SPLIT, programs=4, sms=16) == 8
+
+
+# --------------------------------------------------------------------------- orthonormalize and merge candidates
+
+
+@pytest.mark.parametrize("candidate", ["cholesky_qr2_torch", "householder_torch"])
+def test_orthonormalize_candidates_match_the_reference_and_complete_deficient_rows_alike(candidate):
+    from slao_kernels import reference
+    from slao_kernels.benchmarking.references import qr_with_sign_fix
+    from slao_kernels.ops import orthonormalize as ortho
+
+    fn = getattr(ortho, candidate)
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(6, 8, 96, generator=g)
+    A[1, 3] = A[1, 2]  # a duplicated row: rank-deficient
+    A[4] = 0.0  # no direction at all
+    Q, deficient = fn(A)
+    want, want_deficient = reference.orthonormalize_rows_ref(A)
+    assert deficient.tolist() == want_deficient.tolist() == [False, True, False, False, True, False]
+    assert torch.equal(Q[1], want[1]) and torch.equal(Q[4], want[4])  # the same completion as every other path
+    good = [0, 2, 3, 5]
+    assert_close_to_ref(Q[good], qr_with_sign_fix(A[good]), qr_with_sign_fix(A[good].double()), candidate)
+
+
+@pytest.mark.parametrize("check_finite", [False, True])
+def test_the_lerp_merge_candidate_matches_the_reference(check_finite):
+    from slao_kernels.ops.scaled_merge import lerp_merge
+
+    g = torch.Generator().manual_seed(1)
+    merged = [torch.randn(5, 3, generator=g), torch.randn(7, 3, generator=g).bfloat16()]
+    fine = [torch.randn(5, 3, generator=g), torch.randn(7, 3, generator=g).bfloat16()]
+    want = [m.double() + 0.3 * (f.double() - m.double()) for m, f in zip(merged, fine, strict=True)]
+    pt = [m + 0.3 * (f - m) for m, f in zip(merged, fine, strict=True)]
+    lerp_merge(merged, fine, 0.3, check_finite)
+    for got, p, w in zip(merged, pt, want, strict=True):
+        assert_close_to_ref(got, p, w, "lerp_merge")
+    exact = [torch.randn(4, 2, generator=g)]
+    target = [torch.randn(4, 2, generator=g)]
+    lerp_merge(exact, target, 1.0, check_finite)
+    assert torch.equal(exact[0], target[0])  # λ = 1 is exact (SLAO's first task)
+
+
+def test_the_lerp_merge_candidate_refuses_a_non_finite_result_writing_nothing():
+    from slao_kernels.ops.scaled_merge import lerp_merge
+
+    merged, fine = [torch.ones(3), torch.ones(2)], [torch.ones(3), torch.tensor([1.0, float("inf")])]
+    with pytest.raises(ValueError, match="non-finite values into tensor 1"):
+        lerp_merge(merged, fine, 0.5, True)
+    assert torch.equal(merged[0], torch.ones(3)) and torch.equal(merged[1], torch.ones(2))
+
+
+# --------------------------------------------------------------------------- the CUDA entry points' selection
+
+
+@pytest.fixture
+def fake_device_tuner(tmp_path, monkeypatch, tune_mode):
+    """The CUDA entry points run here on CPU tensors (Triton in the interpreter), timed by a clock that
+    makes ``fastest`` win; returns the list of candidate names timed."""
+    timed, state = [], {"fastest": None}
+
+    def timer(run):
+        run()
+        name = timed[-1] if timed else None
+        return 1.0 if name == state["fastest"] else 2.0
+
+    class Recording(Tuner):
+        def choose(self, key, candidates, allow_timing=True):
+            wrapped = [Candidate(c.name, (lambda c=c: (timed.append(c.name), c.run())[1])) for c in candidates]
+            chosen = super().choose(key, wrapped, allow_timing)
+            return next(c for c in candidates if c.name == chosen.name)
+    t = Recording("fake", timer=timer, directory=str(tmp_path))
+    monkeypatch.setattr(tuning, "tuner", lambda device: t)
+    for module in ("slao_kernels.ops.scaled_merge", "slao_kernels.ops.orthonormalize",
+                   "slao_kernels.ops.lora_linear_candidates"):
+        monkeypatch.setattr(f"{module}.tuner", lambda device: t)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    return state, timed
+
+
+@pytest.mark.parametrize("fastest", ["triton", "foreach_lerp"])
+def test_the_cuda_merge_tunes_on_scratch_and_merges_once(fake_device_tuner, fastest):
+    from slao_kernels.ops import scaled_merge as sm
+
+    state, timed = fake_device_tuner
+    state["fastest"] = fastest
+    merged = [torch.randn(6, 4), torch.randn(9, 4)]
+    fine = [torch.randn(6, 4), torch.randn(9, 4)]
+    before = [m.clone() for m in merged]
+    sm._cuda(merged, fine, 0.25, False)
+    assert set(timed) == {"triton", "foreach_lerp"}  # both timed, on scratch tensors
+    for got, m, f in zip(merged, before, fine, strict=True):  # merged exactly once
+        torch.testing.assert_close(got, m + 0.25 * (f - m), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fastest", ["triton", "torch-cholesky-qr2", "linalg_qr"])
+def test_the_cuda_orthonormalize_picks_a_candidate_with_the_reference_result(fake_device_tuner, fastest):
+    from slao_kernels.benchmarking.references import qr_with_sign_fix
+    from slao_kernels.ops import orthonormalize as ortho
+
+    state, timed = fake_device_tuner
+    state["fastest"] = fastest
+    A = torch.randn(4, 8, 80)
+    Q, deficient = ortho._cuda(A)
+    assert set(timed) == {"triton", "torch-cholesky-qr2", "linalg_qr"} and not deficient.any()
+    assert_close_to_ref(Q, qr_with_sign_fix(A), qr_with_sign_fix(A.double()), fastest)
+
+
+def test_the_big_product_selection_runs_the_chosen_candidate(fake_device_tuner):
+    from slao_kernels.ops import lora_linear as op
+    from slao_kernels.ops import lora_linear_candidates as cand
+
+    state, timed = fake_device_tuner
+    state["fastest"] = "cublas+update"
+    x, w, p, lt, s, b = _product(37, 70, 48, 8, torch.float32, torch.float32, True)
+    out = torch.empty(37, 70)
+    configs = op.gemm_configs(37, 70, torch.float32, op.INTERPRETER_SMS)
+    chosen = cand.select("lora_linear.forward", x, w, p, lt, s, b, out, op.gemm_lowrank, configs)
+    assert chosen.name == "cublas+update" and "torch" in timed and any(n.startswith("fused:") for n in timed)
+    chosen.run()
+    pt, ref = _want(x, w, p, lt, s, b, torch.float32)
+    assert_close_to_ref(out, pt, ref, chosen.name)

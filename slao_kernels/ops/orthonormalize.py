@@ -52,6 +52,7 @@ from slao_kernels import reference
 from slao_kernels._checks import check_tensor
 from slao_kernels._ops import register_kernels
 from slao_kernels.ops._triton import AotSpec, rank_block
+from slao_kernels.ops.tuning import Candidate, problem_key, tuner
 
 ORTHO_TOL = tl.constexpr(1e-5)  # largest accepted max|QQᵀ − I|, as in csrc/orthonormalize.cpp
 
@@ -165,20 +166,76 @@ def orthonormalize_rows_triton(A):
         return work.to(A.dtype), deficient
     ok = torch.empty((b,), device=A.device, dtype=torch.int32)
     r_pad = rank_block(r)
-    eps = torch.finfo(torch.float32).eps
-    accept_tol = max(n * eps, eps ** 0.5)  # as in csrc/orthonormalize.cpp
     _cholesky_qr2_kernel[(b,)](
         A, work, ok, r, n,
         A.stride(0), A.stride(1), A.stride(2), work.stride(0), work.stride(1), work.stride(2),
-        accept_tol,
+        _accept_tol(n),
         R_PAD=r_pad, BLOCK_N=_block_n(r_pad), num_warps=NUM_WARPS,
     )
-    bad = torch.nonzero(ok == 0).flatten()
+    return _with_fallback(A, work, ok != 0, deficient)
+
+
+def _accept_tol(n: int) -> float:
+    eps = torch.finfo(torch.float32).eps
+    return max(n * eps, eps ** 0.5)  # as in csrc/orthonormalize.cpp
+
+
+def _accepted(A: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """Per matrix, the kernel's checks: ``max|QQᵀ − I| ≤ 1e-5`` and ``diag(Q·Aᵀ) > accept_tol·max‖a_j‖``."""
+    Af = A.float()
+    eye = torch.eye(A.shape[1], device=A.device)
+    err = (Q @ Q.transpose(1, 2) - eye).abs().flatten(1).amax(1)
+    lo = (Q * Af).sum(2).amin(1)
+    a_max = Af.square().sum(2).amax(1).sqrt()
+    return torch.isfinite(err) & (err <= float(ORTHO_TOL.value)) & (lo > _accept_tol(A.shape[2]) * a_max)
+
+
+def _with_fallback(A, work, ok, deficient):
+    """The matrices that failed the checks (ill-conditioned, rank-deficient) redone by the reference."""
+    bad = torch.nonzero(~ok).flatten()
     if bad.numel():  # ill-conditioned or rank-deficient: the fp64 Householder path
         q_bad, deficient_bad = reference.orthonormalize_rows_ref(A.index_select(0, bad))
         work.index_copy_(0, bad, q_bad.to(torch.float32))
         deficient.index_copy_(0, bad, deficient_bad)
     return work.to(A.dtype), deficient
+
+
+def cholesky_qr2_torch(A):
+    """``slao::orthonormalize_rows`` by the kernel's algorithm in batched torch ops (a candidate):
+    CholeskyQR2 in fp32, the same checks, the same fallback."""
+    X = A.float()
+    ok = torch.ones(A.shape[0], dtype=torch.bool, device=A.device)
+    with _ieee_fp32():
+        for _ in range(2):
+            L, info = torch.linalg.cholesky_ex(X @ X.transpose(1, 2))
+            ok &= info == 0
+            X = torch.linalg.solve_triangular(L, X, upper=False)
+        ok &= _accepted(A, X)
+    deficient = torch.zeros((A.shape[0],), device=A.device, dtype=torch.bool)
+    return _with_fallback(A, torch.nan_to_num(X), ok, deficient)
+
+
+def householder_torch(A):
+    """``slao::orthonormalize_rows`` by ``torch.linalg.qr`` in fp32 with the sign fix (a candidate),
+    the same checks, the same fallback."""
+    Q, R = torch.linalg.qr(A.float().transpose(1, 2))
+    signs = torch.where(torch.diagonal(R, dim1=1, dim2=2) < 0, -1.0, 1.0)
+    X = (Q * signs[:, None, :]).transpose(1, 2).contiguous()
+    with _ieee_fp32():
+        ok = _accepted(A, X)
+    deficient = torch.zeros((A.shape[0],), device=A.device, dtype=torch.bool)
+    return _with_fallback(A, X, ok, deficient)
+
+
+class _ieee_fp32:
+    """fp32 matmuls without TF32 inside the block (the checks and the Gram matrices need fp32)."""
+
+    def __enter__(self):
+        self.saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.saved
 
 
 def _check_finite(matrices, op: str) -> None:
@@ -199,7 +256,20 @@ def _cuda(A):
     _check_finite(A, "orthonormalize_rows")
     if A.shape[1] > TRITON_MAX_RANK or A.dtype == torch.float64:
         return reference.orthonormalize_rows_ref(A)
-    return orthonormalize_rows_triton(A)
+    if A.numel() == 0:
+        return orthonormalize_rows_triton(A)
+    b, r, n = A.shape
+    key = problem_key("orthonormalize_rows", (A.dtype,), n, 0, r, b)
+    out = {}
+
+    def run(fn):
+        return lambda: out.__setitem__("result", fn(A))
+    candidates = [Candidate("triton", run(orthonormalize_rows_triton)),
+                  Candidate("torch-cholesky-qr2", run(cholesky_qr2_torch)),
+                  Candidate("linalg_qr", run(householder_torch))]
+    chosen = tuner(A.device).choose(key, candidates, allow_timing=not torch.cuda.is_current_stream_capturing())
+    chosen.run()
+    return out["result"]
 
 
 def _cuda_inplace(A):

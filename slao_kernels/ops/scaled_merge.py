@@ -33,6 +33,7 @@ from slao_kernels import reference
 from slao_kernels._checks import check_tensor
 from slao_kernels._ops import register_kernels
 from slao_kernels.ops._triton import AotSpec, dtype_of
+from slao_kernels.ops.tuning import Candidate, problem_key, tuner
 
 # --------------------------------------------------------------------------- kernel
 
@@ -121,10 +122,41 @@ def scaled_merge_triton(merged, fine_tuned, lam, check_finite):
 # --------------------------------------------------------------------------- registration
 
 
+def lerp_merge(merged, fine_tuned, lam, check_finite):
+    """``slao::scaled_merge_`` by ``torch._foreach_lerp_`` (the torch candidate; exact at λ = 0 and 1
+    too). With ``check_finite`` the results are computed aside, checked, then copied in."""
+    if not check_finite:
+        torch._foreach_lerp_(list(merged), list(fine_tuned), float(lam))
+        return
+    results = torch._foreach_lerp(list(merged), list(fine_tuned), float(lam))
+    finite = torch.stack([torch.isfinite(t).all() for t in results]).cpu()
+    if not finite.all():
+        i = int(torch.nonzero(~finite)[0, 0])
+        raise ValueError(f"scaled_merge_: the merge would write non-finite values into tensor {i} "
+                         f"(shape {tuple(merged[i].shape)}); nothing was written")
+    torch._foreach_copy_(list(merged), results)
+
+
+def _candidates(merged, fine_tuned, lam, check_finite) -> list[Candidate]:
+    return [Candidate("triton", lambda: scaled_merge_triton(merged, fine_tuned, lam, check_finite)),
+            Candidate("foreach_lerp", lambda: lerp_merge(merged, fine_tuned, lam, check_finite))]
+
+
 def _cuda(merged, fine_tuned, lam, check_finite):
     if any(t.dtype not in TRITON_DTYPES for t in merged):  # fp64 adapters: the reference
         return reference.scaled_merge_ref(merged, fine_tuned, lam, check_finite)
-    return scaled_merge_triton(merged, fine_tuned, lam, check_finite)
+    if not merged:
+        return None
+    numels = [t.numel() for t in merged]
+    key = problem_key("scaled_merge_", sorted({t.dtype for t in merged}, key=str), len(merged), max(numels),
+                      int(check_finite), sum(numels))
+    chooser = tuner(merged[0].device)
+    capturing = torch.cuda.is_current_stream_capturing()
+    if chooser.needs_timing(key) and not capturing:  # timed on zeros: the caller's tensors are written once
+        scratch_m, scratch_f = [torch.zeros_like(t) for t in merged], [torch.zeros_like(t) for t in fine_tuned]
+        chooser.choose(key, _candidates(scratch_m, scratch_f, lam, check_finite))
+    chooser.choose(key, _candidates(merged, fine_tuned, lam, check_finite), allow_timing=False).run()
+    return None
 
 
 register_kernels("scaled_merge_", _cuda, reference.scaled_merge_ref)

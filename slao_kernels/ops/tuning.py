@@ -162,6 +162,11 @@ class Tuner:
             self._warned.add(tag)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
+    def needs_timing(self, key: str) -> bool:
+        """Whether :meth:`choose` would time the candidates of ``key`` now (mode ``on``, no choice yet):
+        callers whose candidates write in place then tune on scratch tensors first."""
+        return mode() == "on" and key not in self.choices()
+
     def choose(self, key: str, candidates: Sequence[Candidate], allow_timing: bool = True) -> Candidate:
         """The candidate to run for ``key``: see the module docstring for the modes.
         ``allow_timing=False`` (e.g. during CUDA-graph capture) acts as ``cached``.
