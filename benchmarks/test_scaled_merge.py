@@ -42,13 +42,13 @@ def test_cpu_target_merge_vs_copy(benchmark):
 @pytest.mark.target
 @pytest.mark.skipif(DEVICE != "cuda", reason="GPU target: needs a CUDA device")
 def test_gpu_target_merge_bandwidth(benchmark):
-    """GPU: the merge reaches ≥ 85% of HBM bandwidth (3 streams: read both sets, write one)."""
+    """GPU: the merge reaches ≥ 85% of the bandwidth of a device copy measured in the same run
+    (the merge moves 3 streams: read both sets, write one; the copy 2)."""
     t = bench.time_interleaved(cases(), "cuda", rounds=30)
     bytes_moved = 3 * LAYERS * ROWS * COLS * torch.finfo(DTYPE).bits // 8
     copy_gbps = 2 * LAYERS * ROWS * COLS * torch.finfo(DTYPE).bits // 8 / t["copy"] / 1e9
     gbps = bytes_moved / t["slao"] / 1e9
-    peak = 3350.0  # H100 SXM HBM3, GB/s
     benchmark.extra_info.update(gpu=torch.cuda.get_device_name(), slao_gbps=round(gbps, 1),
                                 copy_gbps=round(copy_gbps, 1))
     benchmark.pedantic(cases()["slao"][1], rounds=5)
-    assert gbps >= 0.85 * peak, f"{gbps:.0f} GB/s < 85% of {peak:.0f} GB/s (copy_: {copy_gbps:.0f} GB/s)"
+    assert gbps >= 0.85 * copy_gbps, f"{gbps:.0f} GB/s < 85% of the copy's {copy_gbps:.0f} GB/s"

@@ -58,3 +58,38 @@ def test_three_way_rule():
         torch.tensor([1.0, 2.02]), pt, ref)[1]
     err, bound = selftest.three_way(torch.tensor([1.0, 2.05]), pt, ref)
     assert err > bound
+
+
+def test_the_gpu_speed_section_computes_every_target_from_same_run_ratios(monkeypatch):
+    """The CUDA branch of the speed section, fed with made-up timings (no GPU here): every target is
+    computed from ratios of this run's figures, and a missed target does not fail the self-test."""
+    import importlib
+
+    from slao_kernels.benchmarking import cases
+    from slao_kernels.ops import tuning
+
+    compare = importlib.import_module("slao_kernels.benchmarking.compare")  # the package re-exports a function
+
+    shape = cases.default_shapes("cuda")[0]
+    rows = [{"shape": shape.name, "mode": m, "ms": {"eager": 3.0, "composed": 2.5, "slao": 2.0, "base": 1.9},
+             "slao_vs": {"eager": 2.0 / 3.0, "composed": 0.8, "base": 2.0 / 1.9}, "slao_tflops": 500.0}
+            for m in ("forward", "backward", "full")]
+    switch = [{"op": "scaled_merge_ 224x16x4096 bfloat16", "ms": {"slao": 0.05, "copy": 0.03, "foreach_lerp": 0.06},
+               "ratios": {}},
+              {"op": "orthonormalize_rows 224x16x4096 float32", "ms": {"slao": 0.5, "slao_inplace": 0.6,
+                                                                        "linalg_qr": 30.0},
+               "ratios": {"linalg_qr/slao_inplace": 50.0}}]
+    monkeypatch.setattr(selftest, "ceilings", lambda device: {"mm_tflops": 790.0, "copy_gbps": 4300.0})
+    monkeypatch.setattr(compare, "compare", lambda *a, **k: rows)
+    monkeypatch.setattr(compare, "compare_task_switch_ops", lambda *a, **k: switch)
+    monkeypatch.setattr(tuning, "tuner", lambda device: tuning.Tuner("fake", directory="/nonexistent"))
+    report = selftest.Report(None, log=lambda s: None)
+    selftest.speed(report, "cuda", quick=True)
+    targets = {e["check"]: (e["ratio"], e["target_met"]) for e in report.data["entries"] if "target_met" in e}
+    assert targets["target forward / base <= 1.05"] == (round(2.0 / 1.9, 3), False)
+    assert targets["target eager / slao (full) >= 1.3"] == (1.5, True)
+    assert targets["target linalg_qr / orthonormalize in place >= 20.0"] == (50.0, True)
+    assert targets["target merge bandwidth / copy bandwidth >= 0.85"] == (0.9, True)
+    assert targets["target task switch ms (merge + orthonormalize in place) <= 1.0"] == (0.65, True)
+    assert report.data["passed"] and report.data["targets_met"] is False
+    assert any(e["check"] == "runtime selection picked" for e in report.data["entries"])
