@@ -334,3 +334,35 @@ def test_the_big_product_selection_runs_the_chosen_candidate(fake_device_tuner):
     chosen.run()
     pt, ref = _want(x, w, p, lt, s, b, torch.float32)
     assert_close_to_ref(out, pt, ref, chosen.name)
+
+
+@pytest.mark.parametrize("dt,lora_dt", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                        (torch.bfloat16, torch.bfloat16)])
+def test_the_small_product_candidates_match_the_reference(dt, lora_dt):
+    """The down product and the weight gradient: Triton kernel and torch product, against fp64."""
+    from slao_kernels._ops import compute_dtype
+    from slao_kernels.ops import lora_linear as op
+    from slao_kernels.ops.lora_linear_candidates import project_torch, rank_outer_torch
+
+    cdt = compute_dtype(dt, lora_dt)
+    x2, lt, add = torch.randn(37, 48).to(dt), torch.randn(8, 48).to(lora_dt), torch.randn(37, 8)
+    want_pt = (x2.to(cdt) @ lt.to(cdt).t()).float() * 0.5 + add
+    want = (x2.double() @ lt.double().t()) * 0.5 + add.double()
+    for fn in (op.project_triton, project_torch):
+        assert_close_to_ref(fn(x2, lt, 0.5, add, compute=cdt), want_pt, want, fn.__name__)
+    p, y = torch.randn(37, 8), torch.randn(37, 30).to(dt)
+    want_pt = (p.to(cdt).t() @ y.to(cdt)).float() * 0.75
+    want = (p.double().t() @ y.double()) * 0.75
+    for fn in (op.rank_outer_triton, rank_outer_torch):
+        out = torch.empty(30, 8, dtype=lora_dt).t()  # written through a transposed view, as for dB
+        assert_close_to_ref(fn(p, y, 0.75, out, compute=cdt), want_pt, want, fn.__name__)
+
+
+def test_the_small_products_choose_between_kernel_and_torch(fake_device_tuner):
+    from slao_kernels.ops.lora_linear_candidates import choose_small
+
+    state, timed = fake_device_tuner
+    state["fastest"] = "torch"
+    ran = []
+    chosen = choose_small("k", torch.device("cpu"), lambda: ran.append("triton"), lambda: ran.append("torch"))
+    assert chosen.name == "torch" and sorted(set(timed)) == ["torch", "triton"]

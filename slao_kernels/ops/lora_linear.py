@@ -53,8 +53,8 @@ from slao_kernels.ops._triton import (
     rank_block,
 )
 from slao_kernels.ops.lora_linear_candidates import aot_specs as _update_aot_specs
-from slao_kernels.ops.lora_linear_candidates import select
-from slao_kernels.ops.tuning import multiprocessor_count
+from slao_kernels.ops.lora_linear_candidates import choose_small, project_torch, rank_outer_torch, select
+from slao_kernels.ops.tuning import multiprocessor_count, problem_key
 
 # --------------------------------------------------------------------------- kernels
 
@@ -256,7 +256,21 @@ def _k_block(dtype: torch.dtype) -> int:
 
 
 def project(x2, lt, scale, add=None, *, compute):
-    """``scale·x2·ltᵀ (+ add)`` as fp32 (M×R); ``lt`` is an R×K view (any strides)."""
+    """``scale·x2·ltᵀ (+ add)`` as fp32 (M×R); ``lt`` is an R×K view (any strides). On a GPU the
+    faster of the Triton kernel and the torch product (timed once per shape), else the kernel."""
+    if not x2.is_cuda or x2.shape[0] == 0:
+        return project_triton(x2, lt, scale, add, compute=compute)
+    key = problem_key("lora_linear.project", (x2.dtype, lt.dtype, compute), lt.shape[0], x2.shape[1], 0, x2.shape[0])
+    result = {}
+    chosen = choose_small(key, x2.device,
+                          lambda: result.__setitem__("p", project_triton(x2, lt, scale, add, compute=compute)),
+                          lambda: result.__setitem__("p", project_torch(x2, lt, scale, add, compute=compute)))
+    chosen.run()
+    return result["p"]
+
+
+def project_triton(x2, lt, scale, add=None, *, compute):
+    """:func:`project` on ``_project_kernel``."""
     M, K = x2.shape
     R = lt.shape[0]
     out = torch.empty((M, R), device=x2.device, dtype=torch.float32)
@@ -308,7 +322,19 @@ def gemm_lowrank(x2, w, p, lt, scale, bias, out, cfg: GemmConfig | None = None):
 
 
 def rank_outer(p, y, scale, out, *, compute):
-    """``out ← scale·pᵀ·y`` with ``out`` an R×N view (any strides, any float dtype)."""
+    """``out ← scale·pᵀ·y`` with ``out`` an R×N view (any strides, any float dtype). On a GPU the
+    faster of the Triton kernel and the torch product (timed once per shape), else the kernel."""
+    if not p.is_cuda or p.shape[0] == 0:
+        return rank_outer_triton(p, y, scale, out, compute=compute)
+    key = problem_key("lora_linear.rank_outer", (p.dtype, y.dtype, out.dtype, compute), y.shape[1], 0, p.shape[1],
+                      p.shape[0])
+    choose_small(key, p.device, lambda: rank_outer_triton(p, y, scale, out, compute=compute),
+                 lambda: rank_outer_torch(p, y, scale, out, compute=compute)).run()
+    return out
+
+
+def rank_outer_triton(p, y, scale, out, *, compute):
+    """:func:`rank_outer` on ``_rank_outer_kernel``."""
     M, R = p.shape
     N = y.shape[1]
     if M == 0:

@@ -15,7 +15,8 @@ to compute it compete (:mod:`slao_kernels.ops.tuning` times them once per shape)
   op is never slower than it.
 
 The rank-r "down" products (``u = x·Aᵀ``, ``g = s·dy·B``) and the weight
-gradients are small (M×r, r×n); they run on their Triton kernels.
+gradients (``dA``, ``dB``) choose the same way between their Triton kernel and the
+torch product (:func:`project_torch`, :func:`rank_outer_torch`, :func:`choose_small`).
 """
 
 from __future__ import annotations
@@ -132,3 +133,23 @@ def aot_specs():
                                   (("DOT_DTYPE", dot), ("PRECISION", precision), ("BLOCK_M", UPDATE_BLOCK_M),
                                    ("BLOCK_N", UPDATE_BLOCK_N), ("BLOCK_R", block_r)),
                                   UPDATE_NUM_WARPS)
+
+
+def project_torch(x2, lt, scale, add=None, *, compute):
+    """The torch candidate of the down product: ``scale·x2·ltᵀ (+ add)`` as fp32, the product in ``compute``."""
+    out = torch.mm(x2.to(compute), lt.t().to(compute)).float()
+    if scale != 1.0:
+        out.mul_(scale)
+    return out.add_(add) if add is not None else out
+
+
+def rank_outer_torch(p, y, scale, out, *, compute):
+    """The torch candidate of the weight gradient: ``out ← scale·pᵀ·y``, the product in ``compute``."""
+    return out.copy_(torch.mm(p.t().to(compute), y.to(compute)).float().mul_(scale))
+
+
+def choose_small(key: str, device, triton_run, torch_run) -> Candidate:
+    """The faster of a small product's Triton kernel and its torch product (both rewrite their output)."""
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    return tuner(device).choose(key, [Candidate("triton", triton_run), Candidate("torch", torch_run)],
+                                allow_timing=not capturing)
