@@ -3,6 +3,9 @@
     slao run [--model M] [--data DIR] [--order a,b,c] [--strategy slao] [--out DIR] [--resume] ...
                                          continual learning over a task stream: accuracy matrix,
                                          AA/BWT/FWT/forgetting, report.json, plots, checkpoint, adapter
+    slao demo [--out DIR] [--seeds 0,1,2] ...
+                                         SLAO beside SeqLoRA on the same stream and budget: one table
+                                         (AA, BWT, FWT, forgetting, memory, time), the gain, one figure
     slao eval RUN_DIR [--data DIR] [--order ...]
                                          evaluate a run's adapter on tasks
     slao export RUN_DIR --peft DIR       write a run's adapter in PEFT's format (PEFT, vLLM)
@@ -38,10 +41,24 @@ from slao_kernels.cli._args import (
     _strategy_choices,
     _strategy_option,
 )
+from slao_kernels.cli.demo import DEMO_STRATEGIES, cmd_demo, seed_list
 from slao_kernels.cli.run import cmd_run
 from slao_kernels.cli.runs import cmd_eval, cmd_export
 from slao_kernels.cli.tools import _cuda, cmd_bench, cmd_info, cmd_selftest
 from slao_kernels.continual.strategies import STRATEGIES
+
+
+def _add_training_args(p) -> None:
+    """The adapter and training flags of ``slao run``, shared with ``slao demo``."""
+    p.add_argument("--rank", type=_POSITIVE, default=8, help="adapter rank (at most min(in, out) of every target)")
+    p.add_argument("--alpha", type=_positive_float, default=None, help="LoRA alpha (default 2 x rank)")
+    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                   help="comma-separated projection names to adapt")
+    p.add_argument("--steps", type=_POSITIVE, default=40, help="optimizer steps per task")
+    p.add_argument("--epochs", type=_positive_float, default=None, help="epochs per task instead of --steps")
+    p.add_argument("--batch-size", type=_POSITIVE, default=8)
+    p.add_argument("--grad-accum", type=_POSITIVE, default=1)
+    p.add_argument("--lr", type=_positive_float, default=1e-3)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,15 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slao: orthogonal (default), last_ft, last_merge or random")
     r.add_argument("--merge", default=None, choices=_strategy_choices("slao", "merge"),
                    help="slao: B (default), A, AB or none")
-    r.add_argument("--rank", type=_POSITIVE, default=8, help="adapter rank (at most min(in, out) of every target)")
-    r.add_argument("--alpha", type=_positive_float, default=None, help="LoRA alpha (default 2 x rank)")
-    r.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                   help="comma-separated projection names to adapt")
-    r.add_argument("--steps", type=_POSITIVE, default=40, help="optimizer steps per task")
-    r.add_argument("--epochs", type=_positive_float, default=None, help="epochs per task instead of --steps")
-    r.add_argument("--batch-size", type=_POSITIVE, default=8)
-    r.add_argument("--grad-accum", type=_POSITIVE, default=1)
-    r.add_argument("--lr", type=_positive_float, default=1e-3)
+    _add_training_args(r)
     r.add_argument("--seed", type=_NON_NEGATIVE, default=0)
     r.add_argument("--out", default="slao-run", help="output directory (report, plots, checkpoint, adapter)")
     r.add_argument("--overwrite", action="store_true", help="replace the report of an earlier run in --out")
@@ -79,6 +88,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "otherwise) from its last finished task")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_run)
+    d = sub.add_parser("demo", help="SLAO beside SeqLoRA on the same stream: one table, one figure")
+    d.add_argument("--model", default=None, help="a Hugging Face model directory or a .gguf file; "
+                   "default: the embedded SmolLM2-135M-Instruct")
+    _add_task_args(d)
+    d.add_argument("--strategies", default=DEMO_STRATEGIES, help="comma-separated strategies, the first compared "
+                   "with each other (default slao,seqlora; add multitask for the upper bound; options after a "
+                   "colon joined by +: slao:init=random)")
+    _add_training_args(d)
+    d.add_argument("--seeds", type=seed_list, default=[0], help="comma-separated seeds, each strategy run with "
+                   "every one (default 0)")
+    d.add_argument("--out", default="slao-demo", help="output directory (comparison.json, comparison.png, runs/)")
+    d.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
+    d.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out (same command "
+                   "otherwise): finished runs are kept, an interrupted one resumes from its last finished task")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=cmd_demo)
     e = sub.add_parser("eval", help="evaluate a run's adapter on tasks")
     e.add_argument("run", help="a directory written by slao run")
     _add_task_args(e)

@@ -64,6 +64,12 @@ def _spread(values: list[float | None]) -> dict:
             "n": len(values)}
 
 
+def run_directory(out: str, spec: str, seed: int) -> str:
+    """Where :func:`run_comparison` writes the run of ``spec`` with ``seed``: ``<out>/runs/<spec>/seed<k>``,
+    the spec's ``:``, ``,`` and ``=`` made safe for a path."""
+    return os.path.join(out, "runs", spec.replace(":", "_").replace(",", "_").replace("=", "-"), f"seed{seed}")
+
+
 def run_comparison(model, tokenizer, tasks: Sequence[Task], specs: Sequence[str], seeds: Sequence[int],
                    config: RunConfig, out: str, progress: bool = True,
                    log: Callable[[str], None] = print, extra: dict | None = None) -> dict:
@@ -78,8 +84,7 @@ def run_comparison(model, tokenizer, tasks: Sequence[Task], specs: Sequence[str]
     runs: dict[str, list[dict]] = {}
     for spec, (name, options) in parsed.items():
         for seed in seeds:
-            run_dir = os.path.join(out, "runs", spec.replace(":", "_").replace(",", "_").replace("=", "-"),
-                                   f"seed{seed}")
+            run_dir = run_directory(out, spec, seed)
             report_path = os.path.join(run_dir, "report.json")
             existing = None
             if os.path.isfile(report_path):
@@ -224,3 +229,78 @@ def plot_summary(summary: dict, out: str, log: Callable[[str], None] = print) ->
     ax.set_title("adapter memory over the stream", fontsize=10)
     save(fig, "memory.png")
     return paths
+
+
+# --------------------------------------------------------------------------- side by side (slao demo)
+
+
+def _mean_matrix(matrices: list[list[list[float]]]) -> list[list[float]]:
+    return [[statistics.fmean(cells) for cells in zip(*rows, strict=True)] for rows in zip(*matrices, strict=True)]
+
+
+def side_by_side(runs: dict[str, list[dict]], out: str) -> dict:
+    """The record ``slao demo`` writes as ``comparison.json``, from finished runs by strategy spec
+    (:func:`collect_runs`; every spec over the same tasks and seeds).
+
+    Per spec under ``strategies``: ``aa``, ``bwt``, ``fwt``, ``forgetting``, ``ap`` (means over the
+    seeds; ``<metric>_std`` their standard deviation), ``accuracy_matrix`` and ``zero_shot`` (element-wise
+    means over the seeds; each seed's own under ``runs``), ``adapter_bytes`` (after the last task) with
+    ``adapter_bytes_per_task``, ``seconds`` (wall time of its runs, summed over the seeds: zero-shot
+    evaluation, training, evaluation; the model load is not in it) and ``run_dirs``. ``gain_aa_points``
+    holds, for every other spec, the first spec's AA minus that spec's in points (100 × the difference of
+    the means), and ``gain_aa_points_per_seed`` the same seed by seed.
+    """
+    if not runs:
+        raise ValueError("side_by_side: no finished runs")
+    tasks = next(iter(runs.values()))[0]["tasks"]
+    strategies = {}
+    for spec, reports in runs.items():
+        entry = {}
+        for key in ("aa", "bwt", "fwt", "forgetting", "ap"):
+            spread = _spread([r[key] for r in reports])
+            entry[key], entry[f"{key}_std"] = spread["mean"], spread["std"]
+        entry.update({
+            "seeds": [r["config"]["seed"] for r in reports],
+            "accuracy_matrix": _mean_matrix([r["accuracy_matrix"] for r in reports]),
+            "zero_shot": [statistics.fmean(a) for a in zip(*(r["zero_shot"] for r in reports), strict=True)],
+            "adapter_bytes": reports[0]["adapter_bytes"][-1],
+            "adapter_bytes_per_task": reports[0]["adapter_bytes"],
+            "seconds": sum(r["timings"]["total_s"] for r in reports),
+            "run_dirs": [run_directory(out, spec, r["config"]["seed"]) for r in reports],
+            "runs": [{"seed": r["config"]["seed"], "aa": r["aa"], "bwt": r["bwt"], "fwt": r["fwt"],
+                      "forgetting": r["forgetting"], "accuracy_matrix": r["accuracy_matrix"],
+                      "zero_shot": r["zero_shot"], "seconds": r["timings"]["total_s"]} for r in reports],
+        })
+        strategies[spec] = entry
+    first, *others = list(strategies)
+    gains, per_seed = {}, {}
+    for other in others:
+        gains[other] = 100.0 * (strategies[first]["aa"] - strategies[other]["aa"])
+        theirs = {r["seed"]: r["aa"] for r in strategies[other]["runs"]}
+        per_seed[other] = {str(r["seed"]): 100.0 * (r["aa"] - theirs[r["seed"]])
+                           for r in strategies[first]["runs"] if r["seed"] in theirs}
+    return {"tasks": tasks, "reference": first, "strategies": strategies, "gain_aa_points": gains,
+            "gain_aa_points_per_seed": per_seed}
+
+
+def _mean_std(entry: dict, key: str, signed: bool = False) -> str:
+    return _cell({"mean": entry[key], "std": entry[f"{key}_std"], "n": len(entry["seeds"])}, signed)
+
+
+def format_side_by_side(record: dict) -> str:
+    """The table of :func:`side_by_side`'s record (AA, BWT, FWT, forgetting, adapter memory and wall
+    time per strategy), then the first strategy's gain over each other one in AA points."""
+    seeds = next(iter(record["strategies"].values()))["seeds"]
+    lines = [f"{' → '.join(record['tasks'])}; seed{'s' if len(seeds) > 1 else ''} "
+             f"{','.join(map(str, seeds))}" + ("; mean ± standard deviation over the seeds" if len(seeds) > 1 else ""),
+             "", "| strategy | AA | BWT | FWT | forgetting | adapter memory | wall time |",
+             "|---|---|---|---|---|---|---|"]
+    for spec, e in record["strategies"].items():
+        lines.append(f"| {spec} | {_mean_std(e, 'aa')} | {_mean_std(e, 'bwt', True)} | {_mean_std(e, 'fwt', True)} | "
+                     f"{_mean_std(e, 'forgetting')} | {e['adapter_bytes'] / 2**20:.2f} MiB | {e['seconds']:.0f} s |")
+    lines.append("")
+    for other, gain in record["gain_aa_points"].items():
+        seeds_text = ", ".join(f"{g:+.1f}" for g in record["gain_aa_points_per_seed"][other].values())
+        lines.append(f"{record['reference']} vs {other}: {gain:+.1f} AA points"
+                     + (f" (per seed: {seeds_text})" if len(seeds) > 1 else ""))
+    return "\n".join(lines) + "\n"

@@ -25,7 +25,7 @@ import json
 import os
 import random
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -246,6 +246,7 @@ def load_hf_task(name: str, path: str, text_column: str | Sequence[str] = "text"
 class _Rule:
     instruction: str
     holds: Callable[[int], bool]
+    labels: tuple[str, str] = ("yes", "no")  # the answer when the rule holds, and when it does not
 
 
 # Yes/no questions about a three-digit number. All share the input distribution
@@ -258,6 +259,19 @@ GENERATED_RULES: dict[str, _Rule] = {
 }
 GENERATED_LABELS = ("yes", "no")
 
+# The same kind of input and the same kind of question (a property of a three-digit number),
+# but every task answers with words of its own: the tasks share structure, not answers, so
+# one adapter can hold all of them at once, and what a later task's training does to an
+# earlier one is forgetting, not a contradiction between the tasks.
+DISTINCT_ANSWER_RULES: dict[str, _Rule] = {
+    "high_low": _Rule("Is the number high (500 or more) or low?", lambda n: n >= 500, ("high", "low")),
+    "even_odd": _Rule("Is the number even or odd?", lambda n: n % 2 == 0, ("even", "odd")),
+    "last_digit": _Rule("Is the last digit of the number big (5 or more) or small?", lambda n: n % 10 >= 5,
+                        ("big", "small")),
+    "middle_digit": _Rule("Is the middle digit of the number 5 or more (up) or less (down)?",
+                          lambda n: (n // 10) % 10 >= 5, ("up", "down")),
+}
+
 
 def _generated_rows(rule: _Rule, count: int, rng: random.Random) -> tuple[Example, ...]:
     """``count`` label-balanced rows of distinct numbers from 100..999."""
@@ -267,12 +281,12 @@ def _generated_rows(rule: _Rule, count: int, rng: random.Random) -> tuple[Exampl
         n = rng.randrange(100, 1000)
         if n not in used and rule.holds(n) == want:  # distinct numbers: test rows never seen in training
             used.add(n)
-            rows.append(Example(f"Number: {n}", "yes" if want else "no"))
+            rows.append(Example(f"Number: {n}", rule.labels[0] if want else rule.labels[1]))
     return tuple(rows)
 
 
 def generated_suite(names: Sequence[str] | str | None = None, train_size: int = 256, test_size: int = 100,
-                    seed: int = 0) -> list[Task]:
+                    seed: int = 0, rules: Mapping[str, _Rule] | None = None) -> list[Task]:
     """The built-in generated tasks (see the module docstring), deterministic in ``seed``.
 
     Args:
@@ -280,15 +294,18 @@ def generated_suite(names: Sequence[str] | str | None = None, train_size: int = 
             :data:`GENERATED_RULES` in their listed order.
         train_size, test_size: rows per task (label-balanced).
         seed: the same seed gives the same rows on every machine.
+        rules: the tasks to draw from: :data:`GENERATED_RULES` (None, the default) or
+            :data:`DISTINCT_ANSWER_RULES`.
     """
+    rules = GENERATED_RULES if rules is None else rules
     if train_size < 1 or test_size < 2 or train_size + test_size > 400:
         raise ValueError("generated_suite needs train_size >= 1, test_size >= 2 and at most 400 rows (distinct "
                          f"three-digit numbers per label), got {train_size}, {test_size}")
-    order = resolve_order(names, list(GENERATED_RULES))
+    order = resolve_order(names, list(rules))
     tasks = []
     for name in order:
-        rule = GENERATED_RULES[name]
+        rule = rules[name]
         rng = random.Random(f"{seed}:{name}")  # per task: adding a task does not change the others
         rows = _generated_rows(rule, train_size + test_size, rng)
-        tasks.append(Task(name, rule.instruction, GENERATED_LABELS, rows[:train_size], rows[train_size:]))
+        tasks.append(Task(name, rule.instruction, rule.labels, rows[:train_size], rows[train_size:]))
     return tasks

@@ -1,0 +1,140 @@
+"""`slao demo` end to end on a tiny Llama saved to disk: the table, comparison.json and the figure
+exist and agree with each other and with every strategy's own run."""
+
+import contextlib
+import io
+import json
+import os
+
+import pytest
+from conftest import tiny_model, tiny_tokenizer
+
+from slao_kernels.cli import main
+
+TINY_DEMO = ["--order", "large,small", "--train-size", "16", "--test-size", "8", "--steps", "3", "--batch-size", "4",
+             "--rank", "4", "--targets", "q_proj,v_proj", "--quiet"]
+REQUIRED = ("aa", "bwt", "fwt", "forgetting", "accuracy_matrix", "adapter_bytes", "seconds")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = tiny_tokenizer()
+    tiny_model(vocab_size=len(tokenizer), max_position_embeddings=256, initializer_range=0.2).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def demo(model_dir, tmp_path_factory):
+    """One demo over two seeds, its printed output and its comparison.json."""
+    out = str(tmp_path_factory.mktemp("demo") / "out")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = main(["demo", "--model", model_dir, "--out", out, "--seeds", "0,1", *TINY_DEMO])
+    assert status == 0
+    with open(os.path.join(out, "comparison.json")) as f:
+        record = json.load(f)
+    return out, printed.getvalue(), record
+
+
+def test_demo_writes_the_comparison_the_figure_and_each_strategy_run(demo):
+    out, _, record = demo
+    assert list(record["strategies"]) == ["slao", "seqlora"] and record["tasks"] == ["large", "small"]
+    assert record["seeds"] == [0, 1] and record["reference"] == "slao"
+    for spec, entry in record["strategies"].items():
+        assert all(entry.get(key) is not None for key in REQUIRED), (spec, entry)
+        assert len(entry["accuracy_matrix"]) == 2 and all(len(row) == 2 for row in entry["accuracy_matrix"])
+        assert entry["adapter_bytes"] > 0 and entry["seconds"] > 0
+        assert len(entry["run_dirs"]) == 2
+        for run_dir, run in zip(entry["run_dirs"], entry["runs"], strict=True):
+            with open(os.path.join(run_dir, "report.json")) as f:
+                report = json.load(f)
+            assert report["status"] == "complete" and report["config"]["strategy"] == spec
+            assert report["config"]["seed"] == run["seed"] and report["accuracy_matrix"] == run["accuracy_matrix"]
+            assert report["aa"] == pytest.approx(run["aa"])
+            assert os.path.dirname(os.path.dirname(run_dir)) == os.path.join(out, "runs")
+        # the entry's numbers are the means over its seeds
+        assert entry["aa"] == pytest.approx(sum(r["aa"] for r in entry["runs"]) / 2)
+        assert entry["bwt"] == pytest.approx(sum(r["bwt"] for r in entry["runs"]) / 2)
+        assert entry["accuracy_matrix"][1][0] == pytest.approx(sum(r["accuracy_matrix"][1][0]
+                                                                   for r in entry["runs"]) / 2)
+        assert entry["seconds"] == pytest.approx(sum(r["seconds"] for r in entry["runs"]))
+    slao, seqlora = record["strategies"]["slao"], record["strategies"]["seqlora"]
+    assert record["gain_aa_points"]["seqlora"] == pytest.approx(100 * (slao["aa"] - seqlora["aa"]))
+    assert slao["adapter_bytes"] > seqlora["adapter_bytes"]  # SLAO keeps one B buffer per layer besides
+    with open(record["figure"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert record["figure"] == os.path.join(out, "comparison.png")
+
+
+def test_demo_prints_the_table_that_comparison_md_holds(demo):
+    out, printed, record = demo
+    with open(os.path.join(out, "comparison.md")) as f:
+        table = f.read()
+    assert table in printed
+    for spec, entry in record["strategies"].items():
+        row = next(line for line in table.splitlines() if line.startswith(f"| {spec} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == f"{entry['aa']:.3f} ± {entry['aa_std']:.3f}"
+        assert cells[2] == f"{entry['bwt']:+.3f} ± {entry['bwt_std']:.3f}"
+        assert cells[5] == f"{entry['adapter_bytes'] / 2**20:.2f} MiB"
+        assert cells[6] == f"{entry['seconds']:.0f} s"
+    gain = record["gain_aa_points"]["seqlora"]
+    assert f"slao vs seqlora: {gain:+.1f} AA points" in printed
+    assert os.path.join(out, "comparison.png") in printed
+
+
+def test_demo_refuses_an_earlier_demo_then_resume_reuses_it(demo, model_dir, capsys):
+    out, _, record = demo
+    assert main(["demo", "--model", model_dir, "--out", out, "--seeds", "0,1", *TINY_DEMO]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a demo" in err and "--resume" in err and err.count("\n") == 1
+    # --resume with other settings is refused before anything runs
+    assert main(["demo", "--model", model_dir, "--out", out, "--seeds", "0,1", *TINY_DEMO, "--steps", "4",
+                 "--resume"]) == 2
+    assert "other settings (train)" in capsys.readouterr().err
+    # the same command with --resume trains nothing and writes the same numbers
+    assert main(["demo", "--model", model_dir, "--out", out, "--seeds", "0,1", *TINY_DEMO, "--resume"]) == 0
+    assert "done earlier" in capsys.readouterr().out
+    with open(os.path.join(out, "comparison.json")) as f:
+        again = json.load(f)
+    assert again["strategies"]["slao"]["runs"] == record["strategies"]["slao"]["runs"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--strategies", "slao"], "--strategies needs at least two distinct strategies"),
+    (["--strategies", "slao,bogus"], "--strategies bogus"),
+    (["--seeds", "0,0"], "argument --seeds: expected distinct"),
+    (["--order", "large,nope"], "unknown task(s) ['nope']"),
+])
+def test_demo_checks_its_flags_before_loading_the_model(extra, message, model_dir, tmp_path, capsys, monkeypatch):
+    import slao_kernels.continual.models as models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model's weights were loaded before the input was checked")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+    out = tmp_path / "o"
+    assert main(["demo", "--model", model_dir, "--out", str(out), *TINY_DEMO, *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_distinct_answer_tasks_share_the_inputs_not_the_answers():
+    from slao_kernels.continual.tasks import DISTINCT_ANSWER_RULES, GENERATED_RULES, generated_suite
+
+    tasks = generated_suite(rules=DISTINCT_ANSWER_RULES, train_size=64, test_size=16, seed=1)
+    assert [t.name for t in tasks] == list(DISTINCT_ANSWER_RULES)
+    assert not set(DISTINCT_ANSWER_RULES) & set(GENERATED_RULES)
+    labels = [set(t.labels) for t in tasks]
+    assert all(len(a & b) == 0 for i, a in enumerate(labels) for b in labels[i + 1:])  # no answer word shared
+    for t in tasks:
+        rule = DISTINCT_ANSWER_RULES[t.name]
+        rows = t.train + t.test
+        assert all(r.label == rule.labels[0 if rule.holds(int(r.text.split()[-1])) else 1] for r in rows)
+        assert sum(r.label == t.labels[0] for r in t.train) == 32  # label-balanced
+        assert len({r.text for r in rows}) == len(rows)  # test rows never seen in training
+    # the built-in suite is unchanged: same rows, yes/no answers
+    assert generated_suite("large", seed=3)[0].labels == ("yes", "no")
