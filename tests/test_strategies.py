@@ -471,3 +471,25 @@ def test_gradient_inits_fold_with_the_modules_own_merge(tokenizer):
     s.end_task(None)
     for n, m in s.modules.items():
         assert torch.equal(m.weight, expected[n]) and not m.lora_B.any()
+
+
+def test_a_non_finite_gradient_init_fails_the_task_before_anything_is_installed(tokenizer, tmp_path, monkeypatch):
+    import json
+
+    from slao_kernels.continual import gradients
+    from slao_kernels.continual.runner import TaskFailed
+
+    real = gradients.lora_ga_factors
+
+    def poisoned(*args, **kwargs):
+        A, B = real(*args, **kwargs)
+        return A * float("nan"), B
+    model = _model(tokenizer)
+    config = RunConfig(lora=LORA, train=TrainConfig(steps=1, batch_size=4, lr=1e-2), eval_batch_size=8,
+                       strategy="lora_ga", strategy_options={"grad_batches": 1})
+    monkeypatch.setattr(gradients, "lora_ga_factors", poisoned)
+    with pytest.raises(TaskFailed, match=r"task 1 of 2 .* gradient init of .* is not finite"):
+        run_stream(model, tokenizer, _tasks()[:2], config, out=str(tmp_path), progress=False, log=lambda s: None)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["status"] == "failed" and report["failed_task"]["index"] == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # nothing installed

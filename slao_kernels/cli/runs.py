@@ -38,8 +38,7 @@ def _model_with_run_adapter(run_dir: str, report: dict, checkpoint, device: str,
     model_spec = None if cfg["model"] == "default" else cfg["model"]
     lora = cfg["lora"]
     try:
-        lora = LoRAConfig(rank=lora["rank"], alpha=lora["alpha"], targets=tuple(lora["targets"]),
-                          rslora=lora["rslora"])
+        lora = LoRAConfig.from_dict(lora)
     except (TypeError, ValueError) as e:
         raise UsageError(f"{run_dir}/report.json: config.lora is not a valid adapter ({e})") from None
     options = cfg.get("strategy_options", {})

@@ -242,9 +242,9 @@ def run_stream(model: nn.Module, tokenizer, tasks: Sequence[Task], config: RunCo
             current = i + 1
             torch.manual_seed(hash_name(f"{config.seed}:task {i}"))  # per task: a resumed run draws the same numbers
             t0 = time.perf_counter()
-            strategy.begin_task(task)
-            t1 = time.perf_counter()
             try:
+                strategy.begin_task(task)  # a gradient init can go non-finite already here
+                t1 = time.perf_counter()
                 trained = train_task(model, encoder, strategy.training_tasks(task, tasks[:i + 1]),
                                      strategy.parameters(), config.train, extra_loss=strategy.extra_loss,
                                      progress=progress, description=f"task {i + 1}/{len(tasks)} {task.name}")

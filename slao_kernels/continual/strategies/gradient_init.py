@@ -53,6 +53,14 @@ class GradientInitStrategy(LoRAStrategy):
 
         return full_weight_gradients(self.model, self.modules, names, self._batches(rows, tag), answer_loss)
 
+    @staticmethod
+    def _check_factors(factors: dict) -> None:
+        """``FloatingPointError`` (the runner's failed-task path) naming the modules whose init is not
+        finite, before any is installed."""
+        bad = [n for n, (A, B) in factors.items() if not (torch.isfinite(A).all() and torch.isfinite(B).all())]
+        if bad:
+            raise FloatingPointError(f"the gradient init of {bad[:3]} is not finite (NaN or inf); nothing installed")
+
     @torch.no_grad()
     def _install(self, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
         """Put the init ``(A, B)`` in the adapter and take ``s·B·A`` off the base weight."""
@@ -95,7 +103,6 @@ class LoRAGA(GradientInitStrategy):
         """The task's gradients, chunked to the memory cap, factored; installed together."""
         from slao_kernels.continual.gradients import lora_ga_factors, module_chunks
 
-        self.tasks_begun += 1
         rows = [(task, r) for r in task.train]
         factors = {}  # installed after every gradient is taken: all at the same W0
         for chunk in module_chunks(self.modules, self.options.max_gradient_bytes):
@@ -103,8 +110,10 @@ class LoRAGA(GradientInitStrategy):
             for n in chunk:
                 factors[n] = lora_ga_factors(grads.pop(n), self.modules[n].rank, self.options.gamma,
                                              seed=self.options.seed)
+        self._check_factors(factors)
         for n, (A, B) in factors.items():
             self._install(n, A, B)
+        self.tasks_begun += 1
 
 
 @register_strategy("slice", SLICEConfig)
@@ -123,7 +132,6 @@ class SLICE(GradientInitStrategy):
         from slao_kernels.continual.gradients import global_dots, module_chunks, pcgrad, slice_factors
 
         c, scope, seed = self.options.c, self.options.scope, self.options.seed
-        self.tasks_begun += 1
         rows = [(task, r) for r in task.train]
         replay = bool(self.buffer) and c > 0
         chunks = module_chunks(self.modules, self.options.max_gradient_bytes, kinds=2 if replay else 1)
@@ -148,8 +156,10 @@ class SLICE(GradientInitStrategy):
             for n in chunk:
                 m = self.modules[n]
                 factors[n] = slice_factors(g.pop(n), m.weight, m.rank, seed=seed)
+        self._check_factors(factors)
         for n, (A, B) in factors.items():  # installed after every gradient is taken: all at the same W0
             self._install(n, A, B)
+        self.tasks_begun += 1
 
     def end_task(self, task: Task) -> dict:
         """The merge, then ``buffer_per_task`` of the task's rows join the replay buffer."""

@@ -186,8 +186,9 @@ class SLAOStrategy:
         return {"lambda": self.slao.end_task()}
 
     def abort_task(self) -> bool:
-        """:meth:`SLAO.abort_task`: SLAO can always undo a task."""
-        self.slao.abort_task()
+        """:meth:`SLAO.abort_task`: SLAO can always undo a task (one that did not begin needs nothing)."""
+        if self.slao.in_task:
+            self.slao.abort_task()
         return True
 
     def state_bytes(self) -> int:
