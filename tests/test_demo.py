@@ -42,6 +42,8 @@ def test_demo_writes_the_comparison_the_figure_and_each_strategy_run(demo):
     out, _, record = demo
     assert list(record["strategies"]) == ["slao", "seqlora"] and record["tasks"] == ["large", "small"]
     assert record["seeds"] == [0, 1] and record["reference"] == "slao"
+    assert "strategy" not in record["config"] and "seed" not in record["config"]["train"]  # shared settings only
+    assert record["config"]["train"]["steps"] == 3 and record["config"]["lora"]["rank"] == 4
     for spec, entry in record["strategies"].items():
         assert all(entry.get(key) is not None for key in REQUIRED), (spec, entry)
         assert len(entry["accuracy_matrix"]) == 2 and all(len(row) == 2 for row in entry["accuracy_matrix"])
@@ -138,3 +140,14 @@ def test_distinct_answer_tasks_share_the_inputs_not_the_answers():
         assert len({r.text for r in rows}) == len(rows)  # test rows never seen in training
     # the built-in suite is unchanged: same rows, yes/no answers
     assert generated_suite("large", seed=3)[0].labels == ("yes", "no")
+
+
+def test_demo_stream_default_and_generated_orders_of_either_set():
+    from slao_kernels.cli import build_parser
+    from slao_kernels.cli.demo import DEMO_ORDER, _load_demo_tasks
+
+    tasks, source = _load_demo_tasks(build_parser().parse_args(["demo", "--test-size", "10"]))
+    assert [t.name for t in tasks] == DEMO_ORDER.split(",") and source["source"] == "generated"
+    assert all(len(t.test) == 10 for t in tasks)
+    mixed, _ = _load_demo_tasks(build_parser().parse_args(["demo", "--order", "under_over,large"]))
+    assert [(t.name, t.labels) for t in mixed] == [("under_over", ("under", "over")), ("large", ("yes", "no"))]

@@ -25,6 +25,8 @@ import time
 from slao_kernels.cli._args import UsageError
 
 DEMO_STRATEGIES = "slao,seqlora"
+# the demo's stream without --data/--order: slao run's built-in generated suite
+DEMO_ORDER = ",".join(("large", "last_big", "small", "middle_big"))
 # the files and directories of a demo in --out: what --overwrite replaces
 _OUTPUTS = ("comparison.json", "comparison.md", "comparison.png", "results.json", "results.md", "quality.png",
             "memory.png", "runs")
@@ -57,6 +59,24 @@ def _specs(text: str) -> list[str]:
         except (KeyError, ValueError) as e:
             raise UsageError(f"--strategies {spec}: {str(e).strip(chr(39))}") from None
     return specs
+
+
+def _load_demo_tasks(args):
+    """Tasks from --data as ``slao run`` reads them, else generated ones in --order (default
+    :data:`DEMO_ORDER`), any of :data:`~slao_kernels.continual.tasks.ALL_GENERATED_RULES`."""
+    from slao_kernels.cli.run import _load_tasks
+    from slao_kernels.continual import tasks as T
+
+    if args.data:
+        return _load_tasks(args)
+    names = T.resolve_order(args.order or DEMO_ORDER, list(T.ALL_GENERATED_RULES))
+    try:
+        tasks = T.generated_suite(names, train_size=args.train_size, test_size=args.test_size, seed=args.data_seed,
+                                  rules=T.ALL_GENERATED_RULES)
+    except ValueError as e:
+        raise UsageError(f"--train-size {args.train_size} / --test-size {args.test_size}: {e}") from None
+    return tasks, {"source": "generated", "train_size": args.train_size, "test_size": args.test_size,
+                   "data_seed": args.data_seed}
 
 
 def _run_config(args):
@@ -121,7 +141,7 @@ def cmd_demo(args) -> int:
     """``slao demo``: every check first (flags, tasks, each strategy against the model's config),
     then the model loads once and every strategy runs with every seed from a fresh copy of it."""
     from slao_kernels._files import write_atomic, write_json_atomic
-    from slao_kernels.cli.run import _check_adapter_fits, _device, _load_model, _load_tasks
+    from slao_kernels.cli.run import _check_adapter_fits, _device, _load_model
     from slao_kernels.continual.compare import (
         collect_runs,
         format_side_by_side,
@@ -135,7 +155,7 @@ def cmd_demo(args) -> int:
     out = os.path.abspath(args.out)
     _check_out(out, args)
     specs = _specs(args.strategies)
-    tasks, source = _load_tasks(args)
+    tasks, source = _load_demo_tasks(args)
     config = _run_config(args)
     for spec in specs:
         name, options = parse_spec(spec)
@@ -170,7 +190,9 @@ def cmd_demo(args) -> int:
                           out)
     figure = plot_comparison(record, out, log=print)
     table = format_side_by_side(record)
-    record.update({"seeds": list(args.seeds), "config": config.to_dict(), **extra, "model_load_s": load_s,
+    shared = {k: v for k, v in config.to_dict().items() if k not in ("strategy", "strategy_options", "seed")}
+    shared["train"] = {k: v for k, v in shared["train"].items() if k != "seed"}  # the strategies' and seeds' own
+    record.update({"seeds": list(args.seeds), "config": shared, **extra, "model_load_s": load_s,
                    "total_s": time.perf_counter() - started, "figure": figure})
     write_json_atomic(os.path.join(out, "comparison.json"), record)
     write_atomic(os.path.join(out, "comparison.md"), lambda f: f.write(table.encode()))
