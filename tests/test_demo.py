@@ -144,7 +144,10 @@ def test_distinct_answer_tasks_share_the_inputs_not_the_answers():
 
 def test_demo_stream_default_and_generated_orders_of_either_set():
     from slao_kernels.cli import build_parser
-    from slao_kernels.cli.demo import DEMO_ORDER, _load_demo_tasks
+    from slao_kernels.cli.demo import DEMO_ORDER, DEMO_TEST_SIZE, _load_demo_tasks
+
+    assert build_parser().parse_args(["demo"]).test_size == DEMO_TEST_SIZE  # slao run keeps its own default
+    assert build_parser().parse_args(["run"]).test_size == 100
 
     tasks, source = _load_demo_tasks(build_parser().parse_args(["demo", "--test-size", "10"]))
     assert [t.name for t in tasks] == DEMO_ORDER.split(",") and source["source"] == "generated"

@@ -41,7 +41,7 @@ from slao_kernels.cli._args import (
     _strategy_choices,
     _strategy_option,
 )
-from slao_kernels.cli.demo import DEMO_STRATEGIES, cmd_demo, seed_list
+from slao_kernels.cli.demo import DEMO_STRATEGIES, DEMO_TEST_SIZE, cmd_demo, seed_list
 from slao_kernels.cli.run import cmd_run
 from slao_kernels.cli.runs import cmd_eval, cmd_export
 from slao_kernels.cli.tools import _cuda, cmd_bench, cmd_info, cmd_selftest
@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default=None, help="a Hugging Face model directory or a .gguf file; "
                    "default: the embedded SmolLM2-135M-Instruct")
     _add_task_args(d)
+    d.set_defaults(test_size=DEMO_TEST_SIZE)
     d.add_argument("--strategies", default=DEMO_STRATEGIES, help="comma-separated strategies, the first compared "
                    "with each other (default slao,seqlora; add multitask for the upper bound; options after a "
                    "colon joined by +: slao:init=random)")

@@ -25,6 +25,8 @@ import time
 from slao_kernels.cli._args import UsageError
 
 DEMO_STRATEGIES = "slao,seqlora"
+# test rows per generated task (slao run: 100): two strategies within the 8 minutes of the quick start
+DEMO_TEST_SIZE = 50
 # the demo's stream without --data/--order: slao run's built-in generated suite
 DEMO_ORDER = ",".join(("large", "last_big", "small", "middle_big"))
 # the files and directories of a demo in --out: what --overwrite replaces
