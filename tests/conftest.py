@@ -146,3 +146,13 @@ def tree(root):
             p = os.path.join(dirpath, f)
             out[os.path.relpath(p, root)] = open(p, "rb").read()
     return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama and its tokenizer saved as a Hugging Face model directory (what ``--model`` takes)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = tiny_tokenizer()
+    tiny_model(vocab_size=len(tokenizer), max_position_embeddings=256, initializer_range=0.2).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

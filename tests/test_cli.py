@@ -9,21 +9,12 @@ import sys
 
 import pytest
 import torch
-from conftest import DATA_DIR, tiny_model, tiny_tokenizer
+from conftest import DATA_DIR
 
 from slao_kernels.cli import main
 
 TINY_RUN = ["--order", "large,small", "--train-size", "16", "--test-size", "8", "--steps", "3", "--batch-size", "4",
             "--rank", "4", "--targets", "q_proj,v_proj", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = tiny_tokenizer()
-    tiny_model(vocab_size=len(tokenizer), max_position_embeddings=256, initializer_range=0.2).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -7,22 +7,12 @@ import json
 import os
 
 import pytest
-from conftest import tiny_model, tiny_tokenizer
 
 from slao_kernels.cli import main
 
 TINY_DEMO = ["--order", "large,small", "--train-size", "16", "--test-size", "8", "--steps", "3", "--batch-size", "4",
              "--rank", "4", "--targets", "q_proj,v_proj", "--quiet"]
 REQUIRED = ("aa", "bwt", "fwt", "forgetting", "accuracy_matrix", "adapter_bytes", "seconds")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = tiny_tokenizer()
-    tiny_model(vocab_size=len(tokenizer), max_position_embeddings=256, initializer_range=0.2).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
