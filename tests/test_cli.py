@@ -437,6 +437,25 @@ def test_run_and_eval_on_the_real_data_directory(model_dir, tmp_path):
     assert [results[n]["accuracy"] for n in report["tasks"]] == report["accuracy_matrix"][-1]
 
 
+def test_run_and_eval_on_the_embedded_text_stream(model_dir, tmp_path):
+    out = str(tmp_path / "o")
+    argv = ["run", "--model", model_dir, "--out", out, "--order", "boolq,mnli", "--steps", "2", "--batch-size", "2",
+            "--max-test", "4", "--max-prompt-tokens", "64", "--rank", "2", "--targets", "q_proj", "--quiet"]
+    assert main(argv) == 0
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["tasks"] == ["boolq", "mnli"] and report["config"]["tasks_source"] == {"source": "embedded_text"}
+    assert report["config"]["max_prompt_tokens"] == 64
+    result = str(tmp_path / "eval.json")
+    assert main(["eval", out, "--max-test", "4", "--json", result]) == 0  # the same tasks, the run's prompt cap
+    results = json.load(open(result))["results"]
+    assert [results[n]["accuracy"] for n in report["tasks"]] == report["accuracy_matrix"][-1]
+
+
+def test_an_order_of_text_and_generated_tasks_is_refused(model_dir, tmp_path, capsys, no_weight_loading):
+    assert main(["run", "--model", model_dir, "--out", str(tmp_path / "o"), "--order", "mnli,large"]) == 2
+    assert "mixes embedded text tasks (mnli) with generated ones" in _one_error_line(capsys)
+
+
 def test_info_lists_versions(capsys):
     from slao_kernels import benchmarking as bench
 

@@ -1,5 +1,6 @@
 """The quality benchmark's harness (slao_kernels.continual.compare) on a tiny Llama."""
 
+import copy
 import json
 import os
 import statistics
@@ -8,8 +9,15 @@ import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer
 
-from slao_kernels.continual import RunConfig, TrainConfig, generated_suite
-from slao_kernels.continual.compare import collect_runs, format_summary, parse_spec, run_comparison, summarize
+from slao_kernels.continual import RunConfig, TrainConfig, generated_suite, run_stream
+from slao_kernels.continual.compare import (
+    collect_runs,
+    format_summary,
+    parse_spec,
+    run_comparison,
+    run_directory,
+    summarize,
+)
 from slao_kernels.patching import LoRAConfig
 
 
@@ -51,6 +59,14 @@ def test_comparison_runs_summarizes_and_skips_finished_runs(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert table == format_summary(summary) and "| lora_ga:grad_batches=1 |" in table
     assert sorted(os.path.basename(p) for p in summary["plots"]) == ["memory.png", "quality.png"]
+    # the zero-shot accuracies: measured by the first run only, and what a run measures on its own
+    first, *others = [json.loads(open(os.path.join(run_directory(str(tmp_path), spec, seed), "report.json")).read())
+                      for spec in specs for seed in seeds]
+    assert first["timings"]["zero_shot_eval_s"] > 0 and all(r["timings"]["zero_shot_eval_s"] == 0 for r in others)
+    alone = run_stream(copy.deepcopy(model), tokenizer, tasks, RunConfig(
+        lora=config.lora, train=TrainConfig(steps=2, batch_size=4, lr=1e-2, seed=1), strategy="inclora", seed=1,
+        eval_batch_size=8), progress=False, log=lambda s: None)
+    assert all(r["zero_shot"] == alone["zero_shot"] for r in (first, *others))
     # repeating the command re-uses finished runs
     lines.clear()
     again = run_comparison(model, tokenizer, tasks, specs, seeds, config, str(tmp_path), progress=False,

@@ -49,6 +49,46 @@ def test_task_dir_matches_its_manifest():
 
 
 @needs_data
+def test_embedded_text_stream_is_balanced_held_out_and_attributed():
+    from collections import Counter
+
+    from slao_kernels.continual.tasks import TEXT_STREAM_DIR, text_stream
+
+    tasks = text_stream()
+    assert [t.name for t in tasks] == ["dbpedia", "boolq", "mnli"]
+    assert [len(t.labels) for t in tasks] == [14, 2, 3]
+    for t in tasks:
+        assert (len(t.train), len(t.test)) == (256, 50)
+        for rows in (t.train, t.test):
+            counts = Counter(r.label for r in rows)
+            assert set(counts) == set(t.labels) and max(counts.values()) - min(counts.values()) <= 1, t.name
+        assert not {r.text for r in t.test} & {r.text for r in t.train}, t.name  # no test row trained on
+        assert all(0 < len(r.text) <= 1000 for r in t.train + t.test)
+    assert [t.name for t in text_stream("mnli,dbpedia")] == ["mnli", "dbpedia"]
+    with open(os.path.join(TEXT_STREAM_DIR, "SOURCES.md"), encoding="utf-8") as f:
+        rows = {line.split("|")[1].strip(" `"): line for line in f if line.startswith("| `")}
+    assert set(rows) == {"dbpedia", "boolq", "mnli"}
+    assert "CC BY-SA 3.0" in rows["dbpedia"] and "CC BY-SA 3.0" in rows["boolq"]
+    assert "Open American National Corpus" in rows["mnli"]
+
+
+def test_every_embedded_data_file_ships_in_the_package():
+    """What pyproject's package-data globs pick (setuptools expands them with glob, relative to the
+    package's directory) is every file of the embedded stream: a wheel without one fails here."""
+    import glob
+
+    tomllib = pytest.importorskip("tomllib")
+    import slao_kernels.continual as package
+
+    root = os.path.dirname(package.__file__)
+    with open(os.path.join(os.path.dirname(os.path.dirname(root)), "pyproject.toml"), "rb") as f:
+        patterns = tomllib.load(f)["tool"]["setuptools"]["package-data"]["slao_kernels.continual"]
+    shipped = {os.path.relpath(p, root) for pattern in patterns for p in glob.glob(os.path.join(root, pattern))}
+    present = {os.path.relpath(os.path.join(d, n), root) for d, _, names in os.walk(os.path.join(root, "data"))
+               for n in names if "__pycache__" not in d}
+    assert present and shipped == present
+
+
 def test_named_orders_resolve_against_the_data():
     available = os.listdir(DATA_DIR)
     for name, order in ORDERS.items():
@@ -321,6 +361,12 @@ def test_run_stream_rejects_bad_input(tokenizer):
         run_stream(model, tokenizer, tasks + tasks, _tiny_run_config())
     with pytest.raises(ValueError, match="unknown strategy 'ewc'"):
         run_stream(model, tokenizer, tasks, _tiny_run_config(strategy="ewc"), progress=False, log=lambda s: None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for zero_shot in ([0.5, 0.5], [1.5], [float("nan")], ["0.5"]):
+        with pytest.raises(ValueError, match=r"zero_shot must be one accuracy in \[0, 1\] per task \(1\)"):
+            run_stream(model, tokenizer, tasks, _tiny_run_config(), progress=False, zero_shot=zero_shot)
+    assert model.state_dict().keys() == before.keys()  # refused before the model was patched
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 # --------------------------------------------------------------------------- the Trainer callback

@@ -132,15 +132,20 @@ def test_distinct_answer_tasks_share_the_inputs_not_the_answers():
     assert generated_suite("large", seed=3)[0].labels == ("yes", "no")
 
 
-def test_demo_stream_default_and_generated_orders_of_either_set():
+def test_demo_defaults_the_embedded_text_stream_and_generated_orders_of_either_set():
     from slao_kernels.cli import build_parser
-    from slao_kernels.cli.demo import DEMO_ORDER, DEMO_TEST_SIZE, _load_demo_tasks
+    from slao_kernels.cli.demo import DEMO_ORDER
+    from slao_kernels.cli.run import _load_tasks
 
-    assert build_parser().parse_args(["demo"]).test_size == DEMO_TEST_SIZE  # slao run keeps its own default
-    assert build_parser().parse_args(["run"]).test_size == 100
+    demo, run = build_parser().parse_args(["demo"]), build_parser().parse_args(["run"])
+    # the demo's own budget; slao run keeps its defaults
+    assert (demo.targets, demo.steps, demo.max_prompt_tokens, demo.test_size) == ("q_proj,v_proj", 25, 128, 50)
+    assert (len(run.targets.split(",")), run.steps, run.max_prompt_tokens, run.test_size) == (7, 40, 256, 100)
 
-    tasks, source = _load_demo_tasks(build_parser().parse_args(["demo", "--test-size", "10"]))
-    assert [t.name for t in tasks] == DEMO_ORDER.split(",") and source["source"] == "generated"
-    assert all(len(t.test) == 10 for t in tasks)
-    mixed, _ = _load_demo_tasks(build_parser().parse_args(["demo", "--order", "under_over,large"]))
+    tasks, source = _load_tasks(demo, DEMO_ORDER)
+    assert [t.name for t in tasks] == ["dbpedia", "boolq", "mnli"] and source == {"source": "embedded_text"}
+    assert all(len(t.test) == 50 for t in tasks)
+    mixed, source = _load_tasks(build_parser().parse_args(["demo", "--order", "under_over,large",
+                                                            "--test-size", "10"]), DEMO_ORDER)
     assert [(t.name, t.labels) for t in mixed] == [("under_over", ("under", "over")), ("large", ("yes", "no"))]
+    assert source["source"] == "generated" and all(len(t.test) == 10 for t in mixed)

@@ -35,13 +35,14 @@ from slao_kernels.cli._args import (
     _POSITIVE,
     UsageError,
     _add_task_args,
+    _int_at_least,
     _one_line,
     _Parser,
     _positive_float,
     _strategy_choices,
     _strategy_option,
 )
-from slao_kernels.cli.demo import DEMO_STRATEGIES, DEMO_TEST_SIZE, cmd_demo, seed_list
+from slao_kernels.cli.demo import DEMO_DEFAULTS, DEMO_STRATEGIES, cmd_demo, seed_list
 from slao_kernels.cli.run import cmd_run
 from slao_kernels.cli.runs import cmd_eval, cmd_export
 from slao_kernels.cli.tools import _cuda, cmd_bench, cmd_info, cmd_selftest
@@ -59,6 +60,8 @@ def _add_training_args(p) -> None:
     p.add_argument("--batch-size", type=_POSITIVE, default=8)
     p.add_argument("--grad-accum", type=_POSITIVE, default=1)
     p.add_argument("--lr", type=_positive_float, default=1e-3)
+    p.add_argument("--max-prompt-tokens", type=_int_at_least(32), default=256,
+                   help="prompt length cap in tokens (the input text is cut to fit)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default=None, help="a Hugging Face model directory or a .gguf file; "
                    "default: the embedded SmolLM2-135M-Instruct")
     _add_task_args(d)
-    d.set_defaults(test_size=DEMO_TEST_SIZE)
     d.add_argument("--strategies", default=DEMO_STRATEGIES, help="comma-separated strategies, the first compared "
                    "with each other (default slao,seqlora; add multitask for the upper bound; options after a "
                    "colon joined by +: slao:init=random)")
@@ -104,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out (same command "
                    "otherwise): finished runs are kept, an interrupted one resumes from its last finished task")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
-    d.set_defaults(func=cmd_demo)
+    d.set_defaults(func=cmd_demo, **DEMO_DEFAULTS)
     e = sub.add_parser("eval", help="evaluate a run's adapter on tasks")
     e.add_argument("run", help="a directory written by slao run")
     _add_task_args(e)

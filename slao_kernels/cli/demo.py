@@ -25,10 +25,13 @@ import time
 from slao_kernels.cli._args import UsageError
 
 DEMO_STRATEGIES = "slao,seqlora"
-# test rows per generated task (slao run: 100): two strategies within the 8 minutes of the quick start
+# the demo's stream without --data/--order: the embedded real-text tasks (tasks.TEXT_ORDER)
+DEMO_ORDER = "dbpedia,boolq,mnli"
+# generated tasks (--order large,...): test rows per task (slao run: 100)
 DEMO_TEST_SIZE = 50
-# the demo's stream without --data/--order: slao run's built-in generated suite
-DEMO_ORDER = ",".join(("large", "last_big", "small", "middle_big"))
+# where the demo's defaults differ from slao run's: the adapter of SLAO's experiments (q_proj, v_proj),
+# 25 steps per task and prompts cut to 128 tokens, so that two strategies fit the quick start's 8 minutes
+DEMO_DEFAULTS = {"targets": "q_proj,v_proj", "steps": 25, "max_prompt_tokens": 128, "test_size": DEMO_TEST_SIZE}
 # the files and directories of a demo in --out: what --overwrite replaces
 _OUTPUTS = ("comparison.json", "comparison.md", "comparison.png", "results.json", "results.md", "quality.png",
             "memory.png", "runs")
@@ -63,24 +66,6 @@ def _specs(text: str) -> list[str]:
     return specs
 
 
-def _load_demo_tasks(args):
-    """Tasks from --data as ``slao run`` reads them, else generated ones in --order (default
-    :data:`DEMO_ORDER`), any of :data:`~slao_kernels.continual.tasks.ALL_GENERATED_RULES`."""
-    from slao_kernels.cli.run import _load_tasks
-    from slao_kernels.continual import tasks as T
-
-    if args.data:
-        return _load_tasks(args)
-    names = T.resolve_order(args.order or DEMO_ORDER, list(T.ALL_GENERATED_RULES))
-    try:
-        tasks = T.generated_suite(names, train_size=args.train_size, test_size=args.test_size, seed=args.data_seed,
-                                  rules=T.ALL_GENERATED_RULES)
-    except ValueError as e:
-        raise UsageError(f"--train-size {args.train_size} / --test-size {args.test_size}: {e}") from None
-    return tasks, {"source": "generated", "train_size": args.train_size, "test_size": args.test_size,
-                   "data_seed": args.data_seed}
-
-
 def _run_config(args):
     """The settings every strategy of the demo shares (the strategy and the seed are the comparison's)."""
     from slao_kernels.continual.runner import RunConfig
@@ -97,7 +82,7 @@ def _run_config(args):
             train=TrainConfig(steps=None if args.epochs is not None else args.steps,
                               epochs=args.epochs if args.epochs is not None else 1.0, batch_size=args.batch_size,
                               grad_accum=args.grad_accum, lr=args.lr),
-            eval_batch_size=args.eval_batch_size, max_test=args.max_test)
+            eval_batch_size=args.eval_batch_size, max_test=args.max_test, max_prompt_tokens=args.max_prompt_tokens)
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from None
 
@@ -143,7 +128,7 @@ def cmd_demo(args) -> int:
     """``slao demo``: every check first (flags, tasks, each strategy against the model's config),
     then the model loads once and every strategy runs with every seed from a fresh copy of it."""
     from slao_kernels._files import write_atomic, write_json_atomic
-    from slao_kernels.cli.run import _check_adapter_fits, _device, _load_model
+    from slao_kernels.cli.run import _check_adapter_fits, _device, _load_model, _load_tasks
     from slao_kernels.continual.compare import (
         collect_runs,
         format_side_by_side,
@@ -157,7 +142,7 @@ def cmd_demo(args) -> int:
     out = os.path.abspath(args.out)
     _check_out(out, args)
     specs = _specs(args.strategies)
-    tasks, source = _load_demo_tasks(args)
+    tasks, source = _load_tasks(args, DEMO_ORDER)
     config = _run_config(args)
     for spec in specs:
         name, options = parse_spec(spec)

@@ -11,15 +11,25 @@ from slao_kernels.cli._args import UsageError, _strategy_options
 
 
 def _load_tasks(args, default_order: str | None = None):
-    """Tasks from --data (CL_Benchmark layout) or the built-in generated suite, in --order."""
+    """Tasks from --data (CL_Benchmark layout), else built-in ones in --order: the embedded
+    real-text tasks (:data:`~slao_kernels.continual.tasks.TEXT_ORDER`) or generated ones (any of
+    :data:`~slao_kernels.continual.tasks.ALL_GENERATED_RULES`); without an order, the generated
+    suite (:data:`~slao_kernels.continual.tasks.GENERATED_RULES`)."""
     from slao_kernels.continual import tasks as T
 
     order = args.order or default_order
     if args.data:
         return T.load_task_dir(args.data, order), {"source": "directory", "data": os.path.abspath(args.data)}
-    T.resolve_order(order, list(T.GENERATED_RULES))  # an unknown task is named as such, not as a size
+    names = T.resolve_order(order or list(T.GENERATED_RULES), [*T.ALL_GENERATED_RULES, *T.TEXT_ORDER])
+    text = [n for n in names if n in T.TEXT_ORDER]
+    if text and len(text) < len(names):
+        raise UsageError(f"--order {','.join(names)}: mixes embedded text tasks ({','.join(text)}) with generated "
+                         f"ones; choose one kind")
+    if text:
+        return T.text_stream(names), {"source": "embedded_text"}
     try:
-        tasks = T.generated_suite(order, train_size=args.train_size, test_size=args.test_size, seed=args.data_seed)
+        tasks = T.generated_suite(names, train_size=args.train_size, test_size=args.test_size, seed=args.data_seed,
+                                  rules=T.ALL_GENERATED_RULES)
     except ValueError as e:
         raise UsageError(f"--train-size {args.train_size} / --test-size {args.test_size}: {e}") from None
     return tasks, {"source": "generated", "train_size": args.train_size, "test_size": args.test_size,
@@ -137,7 +147,7 @@ def cmd_run(args) -> int:
                               epochs=args.epochs if args.epochs is not None else 1.0, batch_size=args.batch_size,
                               grad_accum=args.grad_accum, lr=args.lr, seed=args.seed),
             strategy=args.strategy, strategy_options=options, eval_batch_size=args.eval_batch_size,
-            max_test=args.max_test, seed=args.seed)
+            max_test=args.max_test, max_prompt_tokens=args.max_prompt_tokens, seed=args.seed)
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from None
     _check_adapter_fits(args.model, config.lora, args.strategy, options)

@@ -76,12 +76,14 @@ def run_comparison(model, tokenizer, tasks: Sequence[Task], specs: Sequence[str]
     """Run every strategy spec with every seed on a fresh copy of ``model``; returns the summary.
 
     ``config`` sets everything but the strategy and the seeds (its ``seed`` and
-    ``train.seed`` are replaced by each seed).
+    ``train.seed`` are replaced by each seed). The zero-shot accuracies are measured
+    by the first run and given to the others (see :func:`run_stream`'s ``zero_shot``).
     """
     parsed = {spec: parse_spec(spec) for spec in specs}  # every spec checked before anything runs
     if not seeds:
         raise ValueError("run_comparison: no seeds")
     runs: dict[str, list[dict]] = {}
+    zero_shot = None  # the base model's, the same for every run
     for spec, (name, options) in parsed.items():
         for seed in seeds:
             run_dir = run_directory(out, spec, seed)
@@ -93,6 +95,7 @@ def run_comparison(model, tokenizer, tasks: Sequence[Task], specs: Sequence[str]
             if existing and existing.get("status") == "complete":
                 log(f"{spec} seed {seed}: done earlier, {report_path}")
                 runs.setdefault(spec, []).append(existing)
+                zero_shot = zero_shot or existing.get("zero_shot")
                 continue
             run_config = RunConfig(lora=config.lora, train=type(config.train)(**{**config.train.to_dict(),
                                                                                   "seed": seed}),
@@ -103,7 +106,8 @@ def run_comparison(model, tokenizer, tasks: Sequence[Task], specs: Sequence[str]
             start = time.perf_counter()
             report = run_stream(fresh, tokenizer, tasks, run_config, out=run_dir, progress=progress,
                                 log=lambda s: None, extra_report={"spec": spec, **(extra or {})},
-                                resume=existing is not None)
+                                resume=existing is not None, zero_shot=zero_shot)
+            zero_shot = report["zero_shot"]
             del fresh
             bwt = "n/a" if report["bwt"] is None else f"{report['bwt']:+.3f}"
             log(f"{spec} seed {seed}: AA {report['aa']:.3f}, BWT {bwt} in {time.perf_counter() - start:.0f} s")

@@ -15,6 +15,8 @@ positions that predict an option token.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,6 +37,13 @@ def _token_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
     """log p(target) for each row of hidden (N, d); the softmax in fp32."""
     logits = head(hidden).float()
     return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=1)
+
+
+def _cache_argument(decoder: nn.Module) -> str:
+    """The name under which this decoder takes and returns its KV cache: ``cache`` in recent
+    transformers releases (5.24 here), ``past_key_values`` in earlier ones (where the newer
+    releases accept the old name, they warn)."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
 @torch.inference_mode()
@@ -67,15 +76,16 @@ def score_options(model: nn.Module, prompts: list[list[int]], options: list[list
     # The rest of each option, one option at a time on the shared prompt cache: the
     # option's tokens are appended to it and cropped off again (repeating the cache
     # K times instead would copy it K times).
-    cache = out.past_key_values
+    cache_name = _cache_argument(decoder)
+    cache = getattr(out, cache_name)
     for j, option in enumerate(options):
         if len(option) == 1:
             continue
         ids_j = torch.tensor(option[:-1], device=device).expand(n, -1)  # the last token predicts nothing
         mask_j = torch.cat([mask, torch.ones_like(ids_j)], dim=1)
         pos_j = lengths[:, None] + torch.arange(len(option) - 1, device=device)
-        hidden = decoder(input_ids=ids_j, attention_mask=mask_j, position_ids=pos_j, past_key_values=cache,
-                         use_cache=True).last_hidden_state  # (n, len − 1, d)
+        hidden = decoder(input_ids=ids_j, attention_mask=mask_j, position_ids=pos_j, use_cache=True,
+                         **{cache_name: cache}).last_hidden_state  # (n, len − 1, d)
         cache.crop(-(len(option) - 1))  # a negative count removes that many tokens (transformers 4.4x to 5.x)
         if cache.get_seq_length() != width:
             raise RuntimeError(f"the KV cache holds {cache.get_seq_length()} positions after cropping, "

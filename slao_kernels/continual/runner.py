@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from slao_kernels._files import is_real
 from slao_kernels.continual.evaluate import evaluate_task
 from slao_kernels.continual.metrics import cl_metrics
 from slao_kernels.continual.prompts import PromptEncoder
@@ -158,7 +159,7 @@ def _resume_state(out: str, names: list[str], config: dict) -> dict | None:
 def run_stream(model: nn.Module, tokenizer, tasks: Sequence[Task], config: RunConfig = RunConfig(),
                out: str | None = None, progress: bool = True, log: Callable[[str], None] = print,
                extra_report: dict | None = None, resume: bool = False,
-               base_model_name_or_path: str | None = None) -> dict:
+               base_model_name_or_path: str | None = None, zero_shot: Sequence[float] | None = None) -> dict:
     """Train ``model`` on ``tasks`` in order with ``config.strategy``; returns the report.
 
     The model is patched with ``config.lora`` (in place) unless it already
@@ -176,6 +177,13 @@ def run_stream(model: nn.Module, tokenizer, tasks: Sequence[Task], config: RunCo
     task starts from a seed of its own, so a resumed run reproduces the
     uninterrupted one bit for bit (report, checkpoint, adapter) and never
     trains a task twice.
+
+    ``zero_shot``: the accuracy of the untrained model on each task, when it was
+    already measured on the same model, tasks and evaluation settings; None measures
+    it. Before the first task every strategy's model computes exactly the base's
+    outputs (B = 0 adds an exact zero), so a comparison measures it once for all its
+    runs (:func:`~slao_kernels.continual.compare.run_comparison`); the report's
+    ``timings.zero_shot_eval_s`` is then 0.
 
     Raises:
         TaskFailed: a task's loss or adapter became non-finite. The report says
@@ -195,6 +203,11 @@ def run_stream(model: nn.Module, tokenizer, tasks: Sequence[Task], config: RunCo
             raise ValueError(f"run_stream: task {t.name!r} has no training rows")
     if resume and out is None:
         raise ValueError("resume=True needs the output directory of the run to continue")
+    if zero_shot is not None:
+        zero_shot = list(zero_shot)
+        if len(zero_shot) != len(tasks) or not all(is_real(a) and 0.0 <= a <= 1.0 for a in zero_shot):
+            raise ValueError(f"run_stream: zero_shot must be one accuracy in [0, 1] per task ({len(tasks)}), "
+                             f"got {zero_shot!r}")
     current = 0  # the task in progress (1-based; 0 before the first), for RunInterrupted
     try:
         run_config = {**config.to_dict(), **(extra_report or {})}
@@ -229,6 +242,9 @@ def run_stream(model: nn.Module, tokenizer, tasks: Sequence[Task], config: RunCo
                 done = len(record["accuracy_matrix"])
             report["resumed_after_task"] = done
             log(f"resuming {out}: {done} of {len(tasks)} tasks done")
+        if report["zero_shot"] is None and zero_shot is not None:
+            report["zero_shot"], report["timings"]["zero_shot_eval_s"] = [float(a) for a in zero_shot], 0.0
+            save_report()
         if report["zero_shot"] is None:
             t0 = time.perf_counter()
             report["zero_shot"] = _eval_all(model, encoder, tasks, config, "zero-shot eval", progress)

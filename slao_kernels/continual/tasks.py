@@ -9,6 +9,10 @@ train/test rows of ``(text, label)``. Three sources:
   rows ``{"sentence": str, "label": str}``.
 * :func:`load_hf_task` — anything Hugging Face ``datasets`` reads (a dataset
   name, or local json/csv/parquet files), with a text and a label column.
+* :func:`text_stream` — the embedded real-text stream (:data:`TEXT_ORDER`: DBpedia topics, BoolQ
+  questions, MultiNLI inference): a few hundred rows per task cut from public sets whose
+  licences allow redistribution with attribution (``data/text/SOURCES.md``), shipped in the
+  package so that ``slao demo`` runs on real text offline.
 * :func:`generated_suite` — procedurally generated tasks over three-digit
   numbers, the embedded default: no network, no data files. Every task asks a
   yes/no question about the same kind of input, under a different rule, so
@@ -193,6 +197,22 @@ def load_task_dir(directory: str, names: Sequence[str] | str | None = None) -> l
             labels = list(dict.fromkeys(r.label for r in train + test))
         tasks.append(Task(name, INSTRUCTIONS.get(name, GENERIC_INSTRUCTION), tuple(labels), train, test))
     return tasks
+
+
+# --------------------------------------------------------------------------- the embedded real-text stream
+
+TEXT_STREAM_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "text")
+# three kinds of question with answers of their own: a topic (14 names), yes/no-style True/False about a
+# passage, and entailment/neutral/contradiction between two sentences
+TEXT_ORDER: tuple[str, ...] = ("dbpedia", "boolq", "mnli")
+
+
+def text_stream(names: Sequence[str] | str | None = None) -> list[Task]:
+    """The embedded real-text tasks in the order of ``names`` (default :data:`TEXT_ORDER`): 256
+    training and 50 test rows each, label-balanced, cut from the CL_Benchmark subset by
+    ``benchmarks/continual/tools/cut_embedded_stream.py``; sources and licences per task in
+    ``data/text/SOURCES.md``."""
+    return load_task_dir(TEXT_STREAM_DIR, TEXT_ORDER if names is None else names)
 
 
 # --------------------------------------------------------------------------- Hugging Face datasets
