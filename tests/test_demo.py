@@ -139,8 +139,10 @@ def test_demo_defaults_the_embedded_text_stream_and_generated_orders_of_either_s
 
     demo, run = build_parser().parse_args(["demo"]), build_parser().parse_args(["run"])
     # the demo's own budget; slao run keeps its defaults
-    assert (demo.targets, demo.steps, demo.max_prompt_tokens, demo.test_size) == ("q_proj,v_proj", 25, 128, 50)
-    assert (len(run.targets.split(",")), run.steps, run.max_prompt_tokens, run.test_size) == (7, 40, 256, 100)
+    assert (demo.targets, demo.steps, demo.max_prompt_tokens, demo.max_test, demo.test_size) == (
+        "q_proj,v_proj", 20, 96, 40, 50)
+    assert (len(run.targets.split(",")), run.steps, run.max_prompt_tokens, run.max_test, run.test_size) == (
+        7, 40, 256, None, 100)
 
     tasks, source = _load_tasks(demo, DEMO_ORDER)
     assert [t.name for t in tasks] == ["dbpedia", "boolq", "mnli"] and source == {"source": "embedded_text"}
@@ -149,3 +151,16 @@ def test_demo_defaults_the_embedded_text_stream_and_generated_orders_of_either_s
                                                             "--test-size", "10"]), DEMO_ORDER)
     assert [(t.name, t.labels) for t in mixed] == [("under_over", ("under", "over")), ("large", ("yes", "no"))]
     assert source["source"] == "generated" and all(len(t.test) == 10 for t in mixed)
+
+
+def test_a_failed_task_in_the_demo_is_reported_as_the_demo_s(model_dir, tmp_path, capsys, monkeypatch):
+    from slao_kernels.continual import compare, runner
+
+    def fail(*args, **kwargs):
+        raise runner.TaskFailed("task 2 of 2 (small) failed: the loss is nan at step 3", 2, "small", 2)
+
+    monkeypatch.setattr(compare, "run_stream", fail)
+    assert main(["demo", "--model", model_dir, "--out", str(tmp_path / "o"), *TINY_DEMO]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("slao demo: task 2 of 2 (small) failed") and err.count("\n") == 1, err
+    assert "continue with --resume" in err

@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except TaskFailed as e:
-        print(f"slao run: {_one_line(e)}; fix the cause and continue with --resume", file=sys.stderr)
+        print(f"slao {args.command}: {_one_line(e)}; fix the cause and continue with --resume", file=sys.stderr)
         return 1
     except RunInterrupted as e:
         where = "during the zero-shot evaluation" if e.task == 0 else f"during task {e.task} of {e.total}"

@@ -29,9 +29,11 @@ DEMO_STRATEGIES = "slao,seqlora"
 DEMO_ORDER = "dbpedia,boolq,mnli"
 # generated tasks (--order large,...): test rows per task (slao run: 100)
 DEMO_TEST_SIZE = 50
-# where the demo's defaults differ from slao run's: the adapter of SLAO's experiments (q_proj, v_proj),
-# 25 steps per task and prompts cut to 128 tokens, so that two strategies fit the quick start's 8 minutes
-DEMO_DEFAULTS = {"targets": "q_proj,v_proj", "steps": 25, "max_prompt_tokens": 128, "test_size": DEMO_TEST_SIZE}
+# where the demo's defaults differ from slao run's, so that two strategies fit the quick start's 8 minutes:
+# the adapter of SLAO's experiments (q_proj, v_proj), 20 steps per task, prompts cut to 96 tokens and 40
+# test rows per task
+DEMO_DEFAULTS = {"targets": "q_proj,v_proj", "steps": 20, "max_prompt_tokens": 96, "max_test": 40,
+                 "test_size": DEMO_TEST_SIZE}
 # the files and directories of a demo in --out: what --overwrite replaces
 _OUTPUTS = ("comparison.json", "comparison.md", "comparison.png", "results.json", "results.md", "quality.png",
             "memory.png", "runs")
