@@ -28,6 +28,7 @@ from slao_kernels._checks import (
     lora_scaling,
 )
 from slao_kernels.nn import LoRALinear, default_lora_dtype
+from slao_kernels.quantized import QuantizedBaseError, QuantizedLoRALinear, is_quantized_linear
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -125,7 +126,8 @@ class LoRAConfig:
     def differences(self, module: LoRALinear) -> list[tuple[str, object, object]]:
         """``(field, existing, requested)`` for every field in which ``module``'s adapter differs from
         the one this config would add (``dtype=None`` requests the default for the module's base dtype)."""
-        requested_dtype = self.dtype or default_lora_dtype(module.weight.dtype)
+        requested_dtype = self.dtype or (torch.float32 if isinstance(module, QuantizedLoRALinear)
+                                         else default_lora_dtype(module.weight.dtype))
         existing_dropout = module.dropout.p if isinstance(module.dropout, nn.Dropout) else 0.0
         pairs = [("rank", module.rank, self.rank), ("alpha", module.alpha, self.alpha),
                  ("dropout", existing_dropout, self.dropout), ("rslora", module.rslora, self.rslora),
@@ -166,6 +168,10 @@ def patch_llama(model: nn.Module, config: LoRAConfig | None = None,
 
     Afterwards only the adapters train: every other parameter is frozen (the
     previous ``requires_grad`` flags are remembered for :func:`revert`).
+
+    A bitsandbytes ``Linear4bit`` (NF4/FP4) or ``Linear8bitLt`` target gets a
+    :class:`~slao_kernels.quantized.QuantizedLoRALinear`: its base stays quantized in memory and is
+    dequantized one layer per call (docs/design.md §2.4).
 
     All or nothing: every matched module is checked first (rank against its in/out features,
     its weight's dtype, the scaling in its dtype, that it can be wrapped), then every new
@@ -219,8 +225,8 @@ def patch_llama(model: nn.Module, config: LoRAConfig | None = None,
             if len(paths.get(id(module), ())) > 1:
                 raise ValueError(f"patch_llama: the nn.Linear at {name} is also reachable as "
                                  f"{[p for p in paths[id(module)] if p != name]}; a shared module cannot be adapted")
-            LoRALinear.check_args(module, config.rank, config.alpha, config.dropout, config.rslora, config.dtype,
-                                  where=name)
+            cls = QuantizedLoRALinear if is_quantized_linear(module) else LoRALinear
+            cls.check_args(module, config.rank, config.alpha, config.dropout, config.rslora, config.dtype, where=name)
             new.append((name, module))
     if conflicts:
         name, diff = conflicts[0]
@@ -249,7 +255,8 @@ def patch_llama(model: nn.Module, config: LoRAConfig | None = None,
     built, installed = [], []
     try:
         for _, linear in new:
-            built.append(LoRALinear(linear, config.rank, config.alpha, config.dropout, config.rslora, config.dtype))
+            cls = QuantizedLoRALinear if is_quantized_linear(linear) else LoRALinear
+            built.append(cls(linear, config.rank, config.alpha, config.dropout, config.rslora, config.dtype))
         for (name, linear), wrapped in zip(new, built, strict=True):
             _set_submodule(model, name, wrapped)
             installed.append((name, linear))
@@ -291,10 +298,21 @@ def revert(model: nn.Module, merge: bool = False) -> list[str]:
     Raises:
         TypeError: ``merge`` is not a bool.
         ValueError: a merged or unmerged weight would not be finite (the message names the modules).
+        QuantizedBaseError: ``merge=True`` with a quantized base (a ``ValueError``; the message names
+            the modules): the merged weight cannot be stored in 4-bit or 8-bit storage.
     """
     if not isinstance(merge, bool):
         raise TypeError(f"revert: merge must be a bool, got {merge!r}")
     modules = lora_modules(model)
+    quantized = [n for n, m in modules.items() if isinstance(m, QuantizedLoRALinear)]
+    if merge and quantized:
+        kinds = sorted({modules[n].quantization for n in quantized})
+        more = f" and {len(quantized) - 1} more module(s)" if len(quantized) > 1 else ""
+        raise QuantizedBaseError(
+            f"revert(merge=True): {quantized[0]}{more} have a quantized base (bitsandbytes {'/'.join(kinds)}); "
+            "W + s·B·A cannot be written into quantized storage without requantizing it, which rounds away most of the "
+            "adapter's update and changes the base for good. Call revert(model) (merge=False) and keep the adapter "
+            "separate (save_peft_adapter), or load the base unquantized and merge there; nothing was changed")
     # A module's weight changes if it is merged now, or unmerged; +1 / -1 is the sign of s·B·A.
     signs = {name: (+1 if merge else -1) for name, m in modules.items() if m.merged != merge}
     bad = []
@@ -317,6 +335,8 @@ def revert(model: nn.Module, merge: bool = False) -> list[str]:
         for name in swapped:
             _set_submodule(model, name, modules[name])
         for module in modules.values():  # the shell kept aside holds no parameter again
+            if isinstance(module, QuantizedLoRALinear):  # it keeps its own (it always holds them)
+                continue
             module._base.register_parameter("weight", None)
             module._base.register_parameter("bias", None)
         raise

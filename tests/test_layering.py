@@ -3,7 +3,7 @@
 Layers, lowest first (a module may import its own layer and those it lists):
 
   kernels       _ops, _checks, _files, _version, reference, distributed, ops/, the _C extension
-  modules       nn, patching, peft_format                       -> kernels
+  modules       nn, patching, peft_format, quantized            -> kernels
   benchmarking  benchmarking/ (the harness of slao bench)       -> kernels, modules
   continual     continual/ (the engine, runners, model loading) -> kernels, modules
   cli           cli, __main__                                   -> everything
@@ -31,7 +31,7 @@ SOURCE = Path(__file__).resolve().parent.parent / PACKAGE
 
 LAYER_OF = {  # first name below slao_kernels -> layer
     **dict.fromkeys(("_C", "_ops", "_checks", "_files", "_version", "reference", "distributed", "ops"), "kernels"),
-    **dict.fromkeys(("nn", "patching", "peft_format"), "modules"),
+    **dict.fromkeys(("nn", "patching", "peft_format", "quantized"), "modules"),
     "benchmarking": "benchmarking",
     "continual": "continual",
     **dict.fromkeys(("cli", "__main__"), "cli"),
