@@ -257,10 +257,12 @@ class StackedLoRALinear(LoRALinear):
         is unchanged); a module that is one already is returned as it is."""
         if isinstance(module, cls):
             return module
-        if type(module) is not LoRALinear:
+        # A LoRALinear subclass with a forward of its own (a quantized base) names its stacked class.
+        stacked = cls if type(module) is LoRALinear else getattr(type(module), "stacked_class", None)
+        if stacked is None:
             raise TypeError(f"StackedLoRALinear.install: expected a LoRALinear, got {type(module).__name__}")
         factory = {"device": module.lora_A.device, "dtype": module.lora_A.dtype}
-        module.__class__ = cls
+        module.__class__ = stacked
         module.register_buffer("frozen_A", torch.empty(0, module.in_features, **factory), persistent=False)
         module.register_buffer("frozen_B", torch.empty(module.out_features, 0, **factory), persistent=False)
         return module

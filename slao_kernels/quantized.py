@@ -43,7 +43,7 @@ from slao_kernels._checks import (
     check_scaling,
     lora_scaling,
 )
-from slao_kernels.nn import LoRALinear
+from slao_kernels.nn import LoRALinear, StackedLoRALinear
 from slao_kernels.ops.lora_linear_dequant import linear_dequant, lora_linear_dequant
 
 QUANTIZATIONS = ("nf4", "fp4", "int8")
@@ -316,6 +316,14 @@ class QuantizedLoRALinear(LoRALinear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, quantization={self.quantization}"
+
+
+class QuantizedStackedLoRALinear(StackedLoRALinear, QuantizedLoRALinear):
+    """:class:`~slao_kernels.nn.StackedLoRALinear` (IncLoRA's and O-LoRA's frozen adapters) on a quantized
+    base: the stacked factors of the one, the dequantizing forward and the refusals of the other."""
+
+
+QuantizedLoRALinear.stacked_class = QuantizedStackedLoRALinear
 
 
 def quantize_linears(model: nn.Module, quantization: str, targets: Sequence[str] | None = None,

@@ -48,7 +48,7 @@ class _LoRALinearDequant(torch.autograd.Function):
         # The weight is needed only for dx: the adapter gradients read x, u, dy and B alone.
         weight = ctx.dequantize() if need_x else x.new_empty((ctx.out_features, x.shape[-1]))
         grad_x, grad_A, grad_B = torch.ops.slao.lora_linear_backward(
-            grad_out.contiguous(), None, x, weight, lora_A, lora_B, act, ctx.scaling, need_x)
+            grad_out, None, x, weight, lora_A, lora_B, act, ctx.scaling, need_x)
         return (grad_x if need_x else None, None, grad_A if ctx.needs_input_grad[2] else None,
                 grad_B if ctx.needs_input_grad[3] else None, None, None)
 

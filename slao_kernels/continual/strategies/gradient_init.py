@@ -4,7 +4,8 @@ Both take full-weight gradients of the task before training
 (:mod:`slao_kernels.continual.gradients`), factor them into the task's fresh adapter,
 correct the base weights so the model's output is unchanged at step 0
 (``W0 ← W0 − s·B·A``), train, and fold the trained adapter into the base weights
-(``W ← W + s·B·A``). Both folds are the module's own (:meth:`LoRALinear.folded_weight
+(``W ← W + s·B·A``). A quantized base cannot hold those weights: both refuse it when built
+(:class:`~slao_kernels.quantized.QuantizedBaseError`). Both folds are the module's own (:meth:`LoRALinear.folded_weight
 <slao_kernels.nn.LoRALinear.folded_weight>`), so they round as ``merge``/``unmerge`` do.
 """
 
@@ -19,6 +20,7 @@ from slao_kernels.continual.strategies import StrategyConfig, register_strategy
 from slao_kernels.continual.strategies.config import LoRAGAConfig, SLICEConfig
 from slao_kernels.continual.strategies.lora import LoRAStrategy
 from slao_kernels.continual.tasks import Task
+from slao_kernels.quantized import QuantizedBaseError, QuantizedLoRALinear
 
 
 class GradientInitStrategy(LoRAStrategy):
@@ -30,6 +32,15 @@ class GradientInitStrategy(LoRAStrategy):
 
     def __init__(self, model: nn.Module, config: StrategyConfig | None = None):
         super().__init__(model, config)
+        quantized = [n for n, m in self.modules.items() if isinstance(m, QuantizedLoRALinear)]
+        if quantized:  # refused before anything is built or changed
+            more = f" and {len(quantized) - 1} more module(s)" if len(quantized) > 1 else ""
+            raise QuantizedBaseError(
+                f"{self.name} rewrites the base weights (W0 <- W0 - s·B·A before training, W0 <- W0 + s·B·A after), "
+                f"but {quantized[0]}{more} have a quantized base (bitsandbytes "
+                f"{self.modules[quantized[0]].quantization}), which cannot store them without requantizing; use a "
+                "strategy that leaves the base alone (slao, seqlora, inclora, olora, multitask) or load the model "
+                "unquantized")
         merged = [n for n, m in self.modules.items() if m.merged]
         if merged:
             raise ValueError(f"{self.name} needs unmerged adapters; {merged[:3]} are merged")
