@@ -346,3 +346,36 @@ def test_adapter_dtype_and_repatching(model_dir):
         patch_llama(model, ALL)  # idempotent: the default fp32 adapter is the one requested
     with pytest.raises(ValueError, match="rank"):
         patch_llama(model, LoRAConfig(rank=2, alpha=8, targets=LLAMA_PROJECTIONS))
+
+
+TINY_RUN = ["--order", "large,small", "--train-size", "16", "--test-size", "8", "--steps", "3", "--batch-size", "4",
+            "--rank", "4", "--targets", ",".join(LLAMA_PROJECTIONS), "--quiet"]
+
+
+def test_slao_run_quantize_records_it_in_the_report(model_dir, tmp_path):
+    import json
+
+    from slao_kernels.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", "--model", model_dir, "--out", str(out), *TINY_RUN, "--quantize", "nf4"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "complete" and report["config"]["quantize"] == "nf4"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_slao_run_quantize_refusals_come_before_the_model_loads(model_dir, tmp_path, capsys, monkeypatch):
+    from slao_kernels.cli import main
+    from slao_kernels.continual import models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(models, "load_model", no_loading)
+    out = tmp_path / "run"
+    assert main(["run", "--model", model_dir, "--out", str(out), *TINY_RUN, "--quantize", "nf3"]) == 2
+    assert "argument --quantize: invalid choice: 'nf3'" in capsys.readouterr().err
+    assert main(["run", "--model", model_dir, "--out", str(out), *TINY_RUN, "--quantize", "int8",
+                 "--strategy", "slice"]) == 2
+    assert "--strategy slice rewrites the base weights" in capsys.readouterr().err
+    assert not out.exists()

@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (same command "
                    "otherwise) from its last finished task")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--quantize", default=None, choices=("nf4", "fp4", "int8"),
+                   help="keep the frozen base quantized (bitsandbytes NF4/FP4 4-bit or int8; QLoRA-style), "
+                   "recorded in the report's config; needs slao_kernels[quant]")
     r.set_defaults(func=cmd_run)
     d = sub.add_parser("demo", help="SLAO beside SeqLoRA on the same stream: one table, one figure")
     d.add_argument("--model", default=None, help="a Hugging Face model directory or a .gguf file; "

@@ -44,12 +44,13 @@ def _device(name: str) -> str:
     return name
 
 
-def _load_model(spec, device: str, log):
-    from slao_kernels.continual.models import load_model
+def _load_model(spec, device: str, log, quantize: str | None = None):
+    from slao_kernels.continual.models import load_quantized_model
 
     t0 = time.perf_counter()
-    log(f"loading model {spec or 'SmolLM2-135M-Instruct (embedded default)'} ...")
-    model, tokenizer = load_model(spec)
+    log(f"loading model {spec or 'SmolLM2-135M-Instruct (embedded default)'}"
+        f"{f' (base quantized: {quantize})' if quantize else ''} ...")
+    model, tokenizer = load_quantized_model(spec, quantize)
     model.to(device)
     seconds = time.perf_counter() - t0
     log(f"loaded {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters) "
@@ -151,7 +152,20 @@ def cmd_run(args) -> int:
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from None
     _check_adapter_fits(args.model, config.lora, args.strategy, options)
+    quantize = getattr(args, "quantize", None)
+    if quantize is not None:
+        from slao_kernels.continual.models import check_quantize
+
+        if args.strategy in ("lora_ga", "slice"):
+            raise UsageError(f"--quantize {quantize}: --strategy {args.strategy} rewrites the base weights, which a "
+                             "quantized base cannot store; choose slao, seqlora, inclora, olora or multitask")
+        try:
+            check_quantize(quantize)
+        except (ValueError, ImportError) as e:
+            raise UsageError(f"--quantize: {e}") from None
     extra = {"model": args.model or "default", "tasks_source": source}
+    if quantize is not None:  # only then: the reports of unquantized runs keep their keys
+        extra["quantize"] = quantize
     if args.resume:
         _check_resumable(out, [t.name for t in tasks], {**config.to_dict(), **extra})
     log = print
@@ -159,7 +173,7 @@ def cmd_run(args) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    model, tokenizer, load_s = _load_model(args.model, _device(args.device), log)
+    model, tokenizer, load_s = _load_model(args.model, _device(args.device), log, quantize)
     log(f"{args.strategy} over {len(tasks)} tasks: {' -> '.join(t.name for t in tasks)}; "
         f"rank {config.lora.rank} on {','.join(config.lora.targets)}; "
         f"{config.train.total_steps(len(tasks[0].train))} steps per task; writing to {out}")

@@ -136,3 +136,41 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32):
     except OSError as e:
         raise _not_loadable(spec, e) from None
     return model, tokenizer
+
+
+def check_quantize(quantize: str | None) -> str | None:
+    """Check a base quantization before any weight loads: None, or one of
+    :data:`slao_kernels.quantized.QUANTIZATIONS` with bitsandbytes installed. Returns it.
+
+    Raises:
+        ValueError: an unknown quantization (the message lists the known ones).
+        ImportError: bitsandbytes is not installed (``pip install 'slao_kernels[quant]'``).
+    """
+    from slao_kernels.quantized import QUANTIZATIONS
+
+    if quantize is None:
+        return None
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize must be None or one of {list(QUANTIZATIONS)}, got {quantize!r}")
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(f"quantize={quantize!r} needs bitsandbytes: pip install 'slao_kernels[quant]'")
+    return quantize
+
+
+def load_quantized_model(spec: str | None = None, quantize: str | None = None, dtype: torch.dtype = torch.float32):
+    """:func:`load_model`, then (with ``quantize``) its seven projections of every decoder layer
+    replaced by bitsandbytes layers holding their weights quantized
+    (:func:`slao_kernels.quantized.quantize_linears`: NF4/FP4 with double quantization and ``dtype``
+    as compute dtype, or int8). ``quantize`` is checked (:func:`check_quantize`) before the weights load.
+    The embedded SmolLM2 comes from a GGUF file, which transformers de-quantizes on load; this gives it a
+    bitsandbytes base as ``from_pretrained(..., quantization_config=...)`` would.
+    """
+    check_quantize(quantize)
+    model, tokenizer = load_model(spec, dtype)
+    if quantize is not None:
+        from slao_kernels.quantized import quantize_linears
+
+        quantize_linears(model, quantize, compute_dtype=dtype)
+    return model, tokenizer
