@@ -379,3 +379,29 @@ def test_slao_run_quantize_refusals_come_before_the_model_loads(model_dir, tmp_p
                  "--strategy", "slice"]) == 2
     assert "--strategy slice rewrites the base weights" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_at_most_one_dequantized_weight_is_alive_in_a_training_step(model_dir, monkeypatch):
+    """The peak extra memory: one layer's dequantized weight, whatever the number of layers."""
+    import weakref
+
+    import slao_kernels.quantized as quantized
+
+    alive, most, calls = [], [0], [0]
+    real = quantized.dequantize_weight
+
+    def counting(module, dtype):
+        weight = real(module, dtype)
+        alive.append(weakref.ref(weight))
+        calls[0] += 1
+        most[0] = max(most[0], sum(r() is not None for r in alive))
+        return weight
+
+    monkeypatch.setattr(quantized, "dequantize_weight", counting)
+    model = load(model_dir)
+    patch_llama(model, ALL)
+    model(ids(model.config.vocab_size)).logits.square().mean().backward()
+    # once per layer in the forward, once more in the backward for each dx: all but layer 0's q/k/v,
+    # whose input (the frozen embeddings, normed) needs no gradient
+    assert calls[0] == 14 + 11
+    assert most[0] == 1
