@@ -249,7 +249,8 @@ class QuantizedLoRALinear(LoRALinear):
 
     def _refuse(self, what: str):
         raise QuantizedBaseError(
-            f"QuantizedLoRALinear.{what}: the base is a bitsandbytes {self.quantization} layer; W + s·B·A cannot be "
+            f"QuantizedLoRALinear.{what} ({self.in_features}→{self.out_features}, rank {self.rank}): the base is a "
+            f"bitsandbytes {self.quantization} layer; W + s·B·A cannot be "
             "written into quantized storage without requantizing it, which rounds away most of the adapter's "
             "update and changes the base for good. Keep the adapter separate (save_peft_adapter), or load the "
             "base unquantized to merge; nothing was changed")
