@@ -32,10 +32,14 @@ Nothing here needs a process group: without one every helper is the identity
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+T = TypeVar("T")
 
 try:  # DTensor and FSDP2 are in every torch this project supports; guard the import anyway
     from torch.distributed.fsdp import FSDPModule
@@ -79,6 +83,31 @@ def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def write_on_main_process(write: Callable[[], T], what: str, device: torch.device | str = "cpu") -> T | None:
+    """Run ``write`` on rank 0 only, then tell every rank how it went (a collective, in place
+    of a barrier): rank 0's own error is raised on rank 0, and the other ranks raise a
+    ``RuntimeError`` naming ``what`` instead of waiting forever at a barrier for a writer that
+    failed (a full disk, a permission). Returns ``write()``'s result on rank 0, None elsewhere;
+    without a process group it is just ``write()``.
+
+    ``device``: where the process group's backend takes tensors (CUDA for NCCL).
+    """
+    if not initialized():
+        return write()
+    result, error = None, None
+    if is_main_process():
+        try:
+            result = write()
+        except BaseException as exc:  # Ctrl-C too: the other ranks must hear of it
+            error = exc
+    failed = any_rank(error is not None, device)
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"{what}: rank 0 failed to write (its error says why); nothing else was written")
+    return result
 
 
 def _wrapper_chain(model: nn.Module):

@@ -42,7 +42,15 @@ from slao_kernels._files import (
     safetensors_bytes,
     write_file,
 )
-from slao_kernels.distributed import any_rank, barrier, gather, is_main_process, local, unwrap_model, write_full_
+from slao_kernels.distributed import (
+    any_rank,
+    gather,
+    is_main_process,
+    local,
+    unwrap_model,
+    write_full_,
+    write_on_main_process,
+)
 
 PEFT_PREFIX = "base_model.model."
 """What PEFT puts before a module path in its tensor names."""
@@ -203,10 +211,11 @@ def save_peft_adapter(model: nn.Module, directory: str, base_model_name_or_path:
         raise ValueError(f"save_peft_adapter: {directory} exists and is not a directory "
                          "(expected a directory or a path that does not exist yet); nothing was written")
     files = [os.path.join(directory, "adapter_model.safetensors"), os.path.join(directory, "adapter_config.json")]
-    if is_main_process():
+    def write() -> None:
         data = safetensors_bytes(tensors, metadata={"format": "pt"})
         _replace_directory(directory, {"adapter_model.safetensors": data, "adapter_config.json": config_bytes})
-    barrier()
+
+    write_on_main_process(write, "save_peft_adapter", device)  # every rank hears if rank 0's write failed
     return files
 
 

@@ -376,3 +376,51 @@ def test_fsdp2_non_finite_shard_raises_on_every_rank(tmp_path):
     rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text() for r in (0, 1))
     assert rank0.startswith("raised") and "another rank" in rank0
     assert rank1.startswith("raised") and "['model.layers.1.self_attn.v_proj.lora_B'] on this rank" in rank1
+
+
+FAILED_WRITE_ON_RANK_0 = r'''
+import os, sys
+import torch.distributed as dist
+import slao_kernels.continual.checkpoint as checkpoint
+from slao_kernels import SLAO, LoRAConfig, patch_llama, save_peft_adapter
+from slao_kernels.continual.scale_out import tiny_llama
+
+dist.init_process_group("gloo")
+model = tiny_llama(vocab=64, seed=0)
+patch_llama(model, LoRAConfig(rank=4))
+slao = SLAO(model)
+slao.begin_task()
+slao.end_task()
+
+def disk_full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+checkpoint.save_checkpoint = disk_full  # rank 0 writes; rank 1 never calls it
+import slao_kernels.peft_format as peft_format
+peft_format._replace_directory = disk_full
+outcomes = []
+for name, save in (("checkpoint", lambda: slao.save(os.path.join(sys.argv[1], "ckpt"))),
+                   ("adapter", lambda: save_peft_adapter(model, os.path.join(sys.argv[1], "adapter")))):
+    try:
+        save()
+        outcomes.append(f"{name}: saved")
+    except Exception as exc:
+        outcomes.append(f"{name}: {type(exc).__name__}: {exc}")
+with open(os.path.join(sys.argv[1], f"rank{dist.get_rank()}.txt"), "w") as f:
+    f.write("\n".join(outcomes))
+dist.destroy_process_group()
+'''
+
+
+def test_a_failed_write_on_rank_0_raises_on_every_rank_instead_of_hanging(tmp_path):
+    script = tmp_path / "failed_write.py"
+    script.write_text(FAILED_WRITE_ON_RANK_0)
+    _launch(TORCHRUN, [str(script), str(tmp_path)], marker=str(script))
+    rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text().splitlines() for r in (0, 1))
+    assert rank0 == ["checkpoint: OSError: [Errno 28] No space left on device",
+                     "adapter: OSError: [Errno 28] No space left on device"]
+    assert rank1 == ["checkpoint: RuntimeError: SLAO.save: rank 0 failed to write (its error says why); nothing "
+                     "else was written",
+                     "adapter: RuntimeError: save_peft_adapter: rank 0 failed to write (its error says why); "
+                     "nothing else was written"]
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "adapter").exists()

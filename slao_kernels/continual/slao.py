@@ -373,11 +373,12 @@ class SLAO:
         # on every rank (all hold the full tensors), before rank 0 writes: all raise alike, none waits forever
         validate_slao_meta(meta, tensors, where="SLAO.save")  # never write a checkpoint load() would refuse
         refuse_non_finite(tensors, "SLAO.save")
-        path = os.path.join(directory, "slao.json")
-        if dist_utils.is_main_process():
-            path = save_checkpoint(directory, tensors, meta)
-        dist_utils.barrier()  # nobody reads the checkpoint before rank 0 has renamed it into place
-        return path
+        # rank 0 writes; every rank waits for it and hears if it failed (nobody reads the checkpoint
+        # before rank 0 has renamed it into place, nobody waits for a writer that failed)
+        device = dist_utils.local(next(iter(self.modules.values())).lora_A).device
+        path = dist_utils.write_on_main_process(lambda: save_checkpoint(directory, tensors, meta), "SLAO.save",
+                                                device)
+        return path if path is not None else os.path.join(directory, "slao.json")
 
     @classmethod
     def load(cls, model: nn.Module, directory: str) -> SLAO:
