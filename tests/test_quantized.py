@@ -362,6 +362,20 @@ def test_slao_run_quantize_records_it_in_the_report(model_dir, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "complete" and report["config"]["quantize"] == "nf4"
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    # eval and export rebuild the run's model on the same quantized base, so eval gives the run's last row again
+    from slao_kernels.cli.run import _run_report
+    from slao_kernels.cli.runs import _model_with_run_adapter, _run_checkpoint
+    from slao_kernels.patching import lora_modules
+    from slao_kernels.quantized import QuantizedLoRALinear
+
+    checkpoint = _run_checkpoint(str(out), _run_report(str(out)), "eval")
+    rebuilt, _, _ = _model_with_run_adapter(str(out), report, checkpoint, "cpu", lambda line: None)
+    modules = lora_modules(rebuilt)
+    assert len(modules) == 2 * 7 and all(isinstance(m, QuantizedLoRALinear) for m in modules.values())
+    result = tmp_path / "eval.json"
+    assert main(["eval", str(out), "--json", str(result)]) == 0
+    accuracies = json.loads(result.read_text())["results"]
+    assert [accuracies[n]["accuracy"] for n in report["tasks"]] == report["accuracy_matrix"][-1]
 
 
 def test_slao_run_quantize_refusals_come_before_the_model_loads(model_dir, tmp_path, capsys, monkeypatch):

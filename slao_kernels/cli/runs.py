@@ -30,6 +30,7 @@ def _model_with_run_adapter(run_dir: str, report: dict, checkpoint, device: str,
     """The run's model with the adapter of its last checkpoint loaded by the run's strategy
     (report and checkpoint already checked; the adapter is checked against the model's config
     first, the checkpoint against the model by the strategy, before anything is restored)."""
+    from slao_kernels.continual.models import check_quantize
     from slao_kernels.continual.strategies import make_strategy
     from slao_kernels.patching import LoRAConfig, patch_llama
 
@@ -45,7 +46,12 @@ def _model_with_run_adapter(run_dir: str, report: dict, checkpoint, device: str,
     if not isinstance(options, dict):
         raise UsageError(f"{run_dir}/report.json: config.strategy_options must be an object, got {options!r}")
     _check_adapter_fits(model_spec, lora)
-    model, tokenizer, _ = _load_model(model_spec, device, log)
+    quantize = cfg.get("quantize")  # the adapter was trained on that base: evaluate and export on the same
+    try:
+        check_quantize(quantize)
+    except (ValueError, ImportError) as e:
+        raise UsageError(f"{run_dir}/report.json: config.quantize: {e}") from None
+    model, tokenizer, _ = _load_model(model_spec, device, log, quantize)
     patch_llama(model, lora)
     try:
         strategy = make_strategy(cfg["strategy"], model, **options)
