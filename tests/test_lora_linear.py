@@ -221,6 +221,28 @@ def test_autograd_skips_input_grad_when_not_needed():
     assert x.grad is None and A.grad is not None and B.grad is None
 
 
+@pytest.mark.parametrize("device", OP_DEVICES)
+def test_eager_calls_take_the_lean_autograd_with_the_registered_ops_results(device):
+    """A plain eager call runs the op's two kernels under a lean autograd.Function (no torch.library
+    dispatch around them); the registered op's own autograd, what compile, autocast and tensor
+    subclasses see, gives the same bits: same kernels, same saved tensors, same gradient wiring."""
+    x, weight, b, A, B, s = make_inputs(37, 70, 50, 8, torch.float32, torch.float32, device, lead=(3,))
+    for t in (x, A, B):
+        t.requires_grad_(True)
+    y = slao_kernels.lora_linear(x, weight, b, A, B, s)
+    assert type(y.grad_fn).__name__ == "_EagerLoRALinearBackward"
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, A, B), dy)
+    y_op = torch.ops.slao.lora_linear(x, weight, b, A, B, s)[0]
+    assert type(y_op.grad_fn).__name__ != "_EagerLoRALinearBackward"
+    grads_op = torch.autograd.grad(y_op, (x, A, B), dy)
+    assert torch.equal(y, y_op) and all(torch.equal(g, h) for g, h in zip(grads, grads_op, strict=True))
+    if device == "cpu":  # under autocast the cast runs in the dispatcher, before autograd: the registered op
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y_cast = slao_kernels.lora_linear(x, weight, b, A, B, s)
+        assert type(y_cast.grad_fn).__name__ != "_EagerLoRALinearBackward"
+
+
 def test_gradcheck_op_fp64():
     x, weight, b, A, B, s = make_inputs(7, 11, 9, 3, torch.float64, torch.float64, lead=(2,))
     for t in (x, A, B):
