@@ -419,3 +419,25 @@ def test_at_most_one_dequantized_weight_is_alive_in_a_training_step(model_dir, m
     # whose input (the frozen embeddings, normed) needs no gradient
     assert calls[0] == 14 + 11
     assert most[0] == 1
+
+
+def test_slao_run_quantizes_only_the_adapted_projections(model_dir, tmp_path):
+    """A 4-bit layer that bitsandbytes runs itself in eval mode without gradients (every evaluation)
+    is repacked in place for CPU inference: quantizing a projection that has no adapter would change
+    the base during the run (on the tiny model's shapes bitsandbytes' repacking even fails)."""
+    import json
+
+    import bitsandbytes as bnb
+
+    from slao_kernels.cli import main
+    from slao_kernels.continual.models import load_quantized_model
+
+    model, _ = load_quantized_model(model_dir, "nf4", targets=("q_proj", "v_proj"))
+    quantized = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)})
+    plain = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if type(m) is torch.nn.Linear})
+    assert quantized == ["q_proj", "v_proj"] and plain == ["down_proj", "gate_proj", "k_proj", "lm_head", "o_proj",
+                                                           "up_proj"]
+    out = tmp_path / "run"
+    argv = [*TINY_RUN[:-2], "q_proj,v_proj", "--quiet"]
+    assert main(["run", "--model", model_dir, "--out", str(out), *argv, "--quantize", "nf4"]) == 0
+    assert json.loads((out / "report.json").read_text())["status"] == "complete"

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
         summarize,
         write_summary,
     )
-    from slao_kernels.continual.models import load_model
+    from slao_kernels.continual.models import check_quantize, load_quantized_model
     from slao_kernels.patching import LoRAConfig
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,6 +43,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=None, help="task directory (overrides the config)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "cpu"))
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--quantize", choices=("nf4", "fp4", "int8"), default=None,
+                   help="keep the frozen base quantized (bitsandbytes; overrides the config's \"quantize\")")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--collect", action="store_true",
                    help="train nothing: rebuild the table and plots from every finished run under --out, "
@@ -53,8 +55,16 @@ def main(argv=None) -> int:
     specs = [s.replace("+", ",") for s in args.strategies.split(",")] if args.strategies else cfg["strategies"]
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else cfg["seeds"]
     data = args.data or os.path.normpath(os.path.join(HERE, "..", "..", cfg["data"]))
+    quantize = args.quantize or cfg.get("quantize")
     for spec in specs:
-        parse_spec(spec)  # a typo fails now, not after an hour
+        name, _ = parse_spec(spec)  # a typo fails now, not after an hour
+        if quantize and name in ("lora_ga", "slice"):
+            p.error(f"--quantize {quantize}: {spec} rewrites the base weights, which a quantized base cannot store")
+    if quantize:
+        try:
+            check_quantize(quantize)
+        except (ValueError, ImportError) as e:
+            p.error(f"--quantize: {e}")
     if args.collect:
         runs = collect_runs(args.out, order=specs)
         if not runs:
@@ -73,15 +83,19 @@ def main(argv=None) -> int:
     config = RunConfig(lora=LoRAConfig(rank=cfg["rank"], alpha=cfg["alpha"], targets=tuple(cfg["targets"])),
                        train=train, max_test=cfg["max_test"], max_prompt_tokens=cfg["max_prompt_tokens"])
     t0 = time.perf_counter()
-    model, tokenizer = load_model(None if cfg["model"] == "default" else cfg["model"])
+    model, tokenizer = load_quantized_model(None if cfg["model"] == "default" else cfg["model"], quantize,
+                                            targets=cfg["targets"])
     model.to(device)
     from slao_kernels.benchmarking.environment import environment
 
     env = environment()
     print(f"{len(specs)} strategies × {len(seeds)} seeds over {' → '.join(t.name for t in tasks)} on "
           f"{env.get('gpu', env['cpu'])} ({device}); model loaded in {time.perf_counter() - t0:.0f} s")
+    extra = {"environment": env, "benchmark_config": os.path.basename(args.config)}
+    if quantize:  # only then: the records of unquantized runs keep their keys
+        extra["quantize"] = quantize
     summary = run_comparison(model, tokenizer, tasks, specs, seeds, config, args.out, progress=not args.quiet,
-                             extra={"environment": env, "benchmark_config": os.path.basename(args.config)})
+                             extra=extra)
     print()
     print(format_summary(summary))
     for path in summary["plots"]:

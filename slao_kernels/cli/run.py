@@ -44,13 +44,13 @@ def _device(name: str) -> str:
     return name
 
 
-def _load_model(spec, device: str, log, quantize: str | None = None):
+def _load_model(spec, device: str, log, quantize: str | None = None, targets=None):
     from slao_kernels.continual.models import load_quantized_model
 
     t0 = time.perf_counter()
     log(f"loading model {spec or 'SmolLM2-135M-Instruct (embedded default)'}"
         f"{f' (base quantized: {quantize})' if quantize else ''} ...")
-    model, tokenizer = load_quantized_model(spec, quantize)
+    model, tokenizer = load_quantized_model(spec, quantize, targets=targets)
     model.to(device)
     seconds = time.perf_counter() - t0
     log(f"loaded {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters) "
@@ -173,7 +173,7 @@ def cmd_run(args) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    model, tokenizer, load_s = _load_model(args.model, _device(args.device), log, quantize)
+    model, tokenizer, load_s = _load_model(args.model, _device(args.device), log, quantize, config.lora.targets)
     log(f"{args.strategy} over {len(tasks)} tasks: {' -> '.join(t.name for t in tasks)}; "
         f"rank {config.lora.rank} on {','.join(config.lora.targets)}; "
         f"{config.train.total_steps(len(tasks[0].train))} steps per task; writing to {out}")

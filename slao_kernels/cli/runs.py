@@ -51,7 +51,7 @@ def _model_with_run_adapter(run_dir: str, report: dict, checkpoint, device: str,
         check_quantize(quantize)
     except (ValueError, ImportError) as e:
         raise UsageError(f"{run_dir}/report.json: config.quantize: {e}") from None
-    model, tokenizer, _ = _load_model(model_spec, device, log, quantize)
+    model, tokenizer, _ = _load_model(model_spec, device, log, quantize, lora.targets)
     patch_llama(model, lora)
     try:
         strategy = make_strategy(cfg["strategy"], model, **options)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -159,18 +160,24 @@ def check_quantize(quantize: str | None) -> str | None:
     return quantize
 
 
-def load_quantized_model(spec: str | None = None, quantize: str | None = None, dtype: torch.dtype = torch.float32):
-    """:func:`load_model`, then (with ``quantize``) its seven projections of every decoder layer
-    replaced by bitsandbytes layers holding their weights quantized
-    (:func:`slao_kernels.quantized.quantize_linears`: NF4/FP4 with double quantization and ``dtype``
-    as compute dtype, or int8). ``quantize`` is checked (:func:`check_quantize`) before the weights load.
-    The embedded SmolLM2 comes from a GGUF file, which transformers de-quantizes on load; this gives it a
-    bitsandbytes base as ``from_pretrained(..., quantization_config=...)`` would.
+def load_quantized_model(spec: str | None = None, quantize: str | None = None, dtype: torch.dtype = torch.float32,
+                         targets: Sequence[str] | None = None):
+    """:func:`load_model`, then (with ``quantize``) the projections named by ``targets`` (default: the
+    seven Llama projections) of every decoder layer replaced by bitsandbytes layers holding their
+    weights quantized (:func:`slao_kernels.quantized.quantize_linears`: NF4/FP4 with double quantization
+    and ``dtype`` as compute dtype, or int8). ``quantize`` is checked (:func:`check_quantize`) before
+    the weights load. The embedded SmolLM2 comes from a GGUF file, which transformers de-quantizes on
+    load; this gives it a bitsandbytes base as ``from_pretrained(..., quantization_config=...)`` would.
+
+    Pass the adapter's targets: a 4-bit layer that bitsandbytes runs itself in eval mode without
+    gradients (every evaluation) is repacked in place for CPU inference, a different storage, so a
+    quantized projection without an adapter would change during a run; the adapted ones are
+    dequantized by the adapter and never run by bitsandbytes.
     """
     check_quantize(quantize)
     model, tokenizer = load_model(spec, dtype)
     if quantize is not None:
         from slao_kernels.quantized import quantize_linears
 
-        quantize_linears(model, quantize, compute_dtype=dtype)
+        quantize_linears(model, quantize, targets=targets, compute_dtype=dtype)
     return model, tokenizer
