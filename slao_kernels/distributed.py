@@ -102,10 +102,15 @@ def write_on_main_process(write: Callable[[], T], what: str, device: torch.devic
             result = write()
         except BaseException as exc:  # Ctrl-C too: the other ranks must hear of it
             error = exc
-    failed = any_rank(error is not None, device)
+    # 0: written; 1: an error; 2: interrupted (every rank then raises KeyboardInterrupt, as rank 0 does)
+    code = torch.tensor([0 if error is None else 2 if isinstance(error, KeyboardInterrupt) else 1],
+                        dtype=torch.int32, device=device)
+    dist.all_reduce(code, op=dist.ReduceOp.MAX)
     if error is not None:
         raise error
-    if failed:
+    if int(code.item()) == 2:
+        raise KeyboardInterrupt
+    if int(code.item()) == 1:
         raise RuntimeError(f"{what}: rank 0 failed to write (its error says why); nothing else was written")
     return result
 

@@ -81,3 +81,20 @@ def test_comparison_runs_summarizes_and_skips_finished_runs(tmp_path):
     report_path.write_text(json.dumps({**json.loads(report_path.read_text()), "status": "running"}))
     assert [r["config"]["seed"] for r in collect_runs(str(tmp_path))["inclora"]] == [0]
     assert collect_runs(str(tmp_path / "nothing")) == {}
+
+
+def test_a_finished_run_of_other_tasks_lends_no_zero_shot(tmp_path):
+    """The zero-shot accuracies of a finished run are reused only for the same tasks and evaluation."""
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = tiny_model(vocab_size=len(tokenizer), max_position_embeddings=256, initializer_range=0.2)
+    config = RunConfig(lora=LoRAConfig(rank=4, alpha=8, targets=("q_proj", "v_proj")),
+                       train=TrainConfig(steps=1, batch_size=4, lr=1e-2), eval_batch_size=8)
+    run_comparison(model, tokenizer, generated_suite("large", train_size=8, test_size=4), ["slao"], [0], config,
+                   str(tmp_path), progress=False, log=lambda line: None)
+    tasks = generated_suite("large,small", train_size=8, test_size=4)
+    summary = run_comparison(model, tokenizer, tasks, ["slao", "seqlora"], [0], config, str(tmp_path),
+                             progress=False, log=lambda line: None)  # slao seed 0 is "done earlier", on one task
+    report = json.loads(open(os.path.join(run_directory(str(tmp_path), "seqlora", 0), "report.json")).read())
+    assert len(report["zero_shot"]) == 2 and report["timings"]["zero_shot_eval_s"] > 0  # measured its own
+    assert summary["strategies"]["seqlora"]["runs"][0]["aa"] is not None

@@ -164,3 +164,17 @@ def test_a_failed_task_in_the_demo_is_reported_as_the_demo_s(model_dir, tmp_path
     err = capsys.readouterr().err
     assert err.startswith("slao demo: task 2 of 2 (small) failed") and err.count("\n") == 1, err
     assert "continue with --resume" in err
+
+
+def test_demo_data_without_order_runs_every_task_of_the_directory(model_dir, tmp_path):
+    """--data without --order: the directory's own tasks (not the embedded stream's names)."""
+    for name in ("alpha", "beta"):
+        task = tmp_path / "data" / name
+        task.mkdir(parents=True)
+        rows = [{"sentence": f"{name} row {i}", "label": "x" if i % 2 else "y"} for i in range(8)]
+        (task / "train.json").write_text(json.dumps(rows))
+        (task / "test.json").write_text(json.dumps(rows[:4]))
+    out = tmp_path / "out"
+    argv = [a for a in TINY_DEMO if a not in ("--order", "large,small")]
+    assert main(["demo", "--model", model_dir, "--out", str(out), "--data", str(tmp_path / "data"), *argv]) == 0
+    assert json.loads((out / "comparison.json").read_text())["tasks"] == ["alpha", "beta"]

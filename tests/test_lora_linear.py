@@ -243,6 +243,14 @@ def test_eager_calls_take_the_lean_autograd_with_the_registered_ops_results(devi
         assert type(y_cast.grad_fn).__name__ != "_EagerLoRALinearBackward"
 
 
+def test_meta_tensors_trace_with_gradients_enabled():
+    """Shape tracing on the meta device (no autocast there) takes the registered op and its fake."""
+    x = torch.empty(2, 5, 16, device="meta", requires_grad=True)
+    weight, A, B = (torch.empty(s, device="meta") for s in ((12, 16), (4, 16), (12, 4)))
+    y = slao_kernels.lora_linear(x, weight, None, A.requires_grad_(), B.requires_grad_(), 2.0)
+    assert y.shape == (2, 5, 12) and y.device.type == "meta" and y.requires_grad
+
+
 def test_gradcheck_op_fp64():
     x, weight, b, A, B, s = make_inputs(7, 11, 9, 3, torch.float64, torch.float64, lead=(2,))
     for t in (x, A, B):

@@ -441,3 +441,25 @@ def test_slao_run_quantizes_only_the_adapted_projections(model_dir, tmp_path):
     argv = [*TINY_RUN[:-2], "q_proj,v_proj", "--quiet"]
     assert main(["run", "--model", model_dir, "--out", str(out), *argv, "--quantize", "nf4"]) == 0
     assert json.loads((out / "report.json").read_text())["status"] == "complete"
+
+
+@pytest.mark.parametrize("name", ["nf4-fp32-double", "int8"])
+def test_autocast_runs_the_quantized_base_in_the_autocast_dtype(model_dir, name):
+    """Under autocast the base product runs in bf16 (as F.linear's and lora_linear's do), the backward
+    too, and the fp32 adapter gets fp32 gradients; the logits equal the fp32 run's to bf16 rounding.
+    (Before, the op's own autocast cast behind the saved tensors and the backward raised.)"""
+    model = load(model_dir, name)
+    patch_llama(model, ALL)
+    randomize_B(model)
+    tokens = ids(model.config.vocab_size)
+    reference = model(tokens).logits.detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(tokens).logits
+    logits.float().square().mean().backward()
+    grads = [m.lora_A.grad for m in lora_modules(model).values()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert logits.dtype == torch.bfloat16 and not torch.equal(logits.float(), reference)  # it did run in bf16
+    # each bf16 product rounds its inputs and its output at 2⁻⁸ relative; two layers of projections and the
+    # head compound about eight such roundings at the logits' scale
+    bound = 8 * 2.0**-8 * reference.abs().max().item()
+    assert (logits.float() - reference).abs().max().item() <= bound

@@ -122,7 +122,7 @@ _NON_NEGATIVE = _int_at_least(0)
 
 def _add_task_args(p) -> None:
     p.add_argument("--data", default=None, help="task directory in the CL_Benchmark layout "
-                   "(<task>/train.json, test.json, labels.json); default: the built-in generated suite")
+                   "(<task>/train.json, test.json, labels.json); default: built-in tasks (see --order)")
     p.add_argument("--order", default=None, help="task order: comma-separated names or a named order "
                    "(order1..order4); default: every task")
     p.add_argument("--train-size", type=_POSITIVE, default=256, help="generated suite: training rows per task")

@@ -144,7 +144,7 @@ def cmd_demo(args) -> int:
     out = os.path.abspath(args.out)
     _check_out(out, args)
     specs = _specs(args.strategies)
-    tasks, source = _load_tasks(args, DEMO_ORDER)
+    tasks, source = _load_tasks(args, None if args.data else DEMO_ORDER)  # --data: all its tasks
     config = _run_config(args)
     for spec in specs:
         name, options = parse_spec(spec)

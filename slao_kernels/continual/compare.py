@@ -84,6 +84,8 @@ def run_comparison(model, tokenizer, tasks: Sequence[Task], specs: Sequence[str]
         raise ValueError("run_comparison: no seeds")
     runs: dict[str, list[dict]] = {}
     zero_shot = None  # the base model's, the same for every run
+    names = [t.name for t in tasks]
+    evaluation = json.loads(json.dumps({**config.to_dict(), **(extra or {})}))  # as a report.json reads back
     for spec, (name, options) in parsed.items():
         for seed in seeds:
             run_dir = run_directory(out, spec, seed)
@@ -95,7 +97,8 @@ def run_comparison(model, tokenizer, tasks: Sequence[Task], specs: Sequence[str]
             if existing and existing.get("status") == "complete":
                 log(f"{spec} seed {seed}: done earlier, {report_path}")
                 runs.setdefault(spec, []).append(existing)
-                zero_shot = zero_shot or existing.get("zero_shot")
+                if zero_shot is None and _same_evaluation(existing, names, evaluation):
+                    zero_shot = existing.get("zero_shot")
                 continue
             run_config = RunConfig(lora=config.lora, train=type(config.train)(**{**config.train.to_dict(),
                                                                                   "seed": seed}),
@@ -114,6 +117,17 @@ def run_comparison(model, tokenizer, tasks: Sequence[Task], specs: Sequence[str]
             runs.setdefault(spec, []).append(report)
     summary = summarize(runs, [t.name for t in tasks], list(seeds))
     return write_summary(summary, out, extra={"config": config.to_dict(), **(extra or {})}, log=log)
+
+
+# what the zero-shot accuracies depend on, besides the tasks
+_EVALUATION = ("lora", "max_test", "max_prompt_tokens", "eval_batch_size", "model", "tasks_source", "quantize")
+
+
+def _same_evaluation(report: dict, names: list[str], evaluation: dict) -> bool:
+    """Whether a finished run's zero-shot accuracies are this comparison's: the same tasks, and the
+    same model, adapter shape and evaluation settings."""
+    theirs = report.get("config") or {}
+    return report.get("tasks") == names and all(theirs.get(k) == evaluation.get(k) for k in _EVALUATION)
 
 
 def collect_runs(out: str, order: Sequence[str] = ()) -> dict[str, list[dict]]:

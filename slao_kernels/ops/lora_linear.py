@@ -488,7 +488,7 @@ class _EagerLoRALinear(torch.autograd.Function):
     (about 0.3 ms a call fwd+bwd on the 2-vCPU Xeon at SmolLM2's q_proj shape, 512 tokens: 7% of
     that layer's step). :func:`lora_linear` takes the registered op whenever something must see it
     as one op: ``torch.compile``, autocast (its cast runs in the dispatcher, before autograd), and
-    tensor subclasses or modes (``__torch_function__``)."""
+    tensor subclasses (``__torch_function__``), and devices other than CPU and CUDA (meta)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
@@ -508,7 +508,7 @@ class _EagerLoRALinear(torch.autograd.Function):
 
 def _eager(x, tensors) -> bool:
     """Whether a call may take :class:`_EagerLoRALinear` (see its docstring)."""
-    return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    return (torch.is_grad_enabled() and x.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling()
             and not torch.is_autocast_enabled(x.device.type)
             and not torch.overrides.has_torch_function(tensors))
 

@@ -68,6 +68,24 @@ class _LinearDequant(torch.autograd.Function):
         return grad_out @ ctx.dequantize().to(grad_out.dtype), None, None
 
 
+def _under_autocast(apply, x, bias, dequantize, *rest):
+    """Run ``apply`` as autocast would run the base product: ``x``, the bias and the dequantized
+    weight (forward and backward alike) in the autocast dtype, the adapter in its own, with
+    autocast off inside (so the fused op's own autocast kernel does not cast again behind the
+    saved tensors' back). fp64 ``x`` stays fp64, as torch's autocast leaves it; without autocast
+    this is ``apply`` itself."""
+    device = x.device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device) or x.dtype == torch.float64:
+        return apply(x, bias, dequantize, *rest)
+    dtype = torch.get_autocast_dtype(device)
+
+    def dequantize_cast():
+        return dequantize().to(dtype)
+
+    with torch.autocast(device, enabled=False):
+        return apply(x.to(dtype), None if bias is None else bias.to(dtype), dequantize_cast, *rest)
+
+
 def linear_dequant(x: torch.Tensor, dequantize: Callable[[], torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
     """``x·Wᵀ + bias`` with ``W = dequantize()``, differentiable in ``x`` only, with the weight
     dequantized again in the backward instead of saved (the base product alone, for an adapter
@@ -75,7 +93,7 @@ def linear_dequant(x: torch.Tensor, dequantize: Callable[[], torch.Tensor], bias
     if not callable(dequantize):
         raise TypeError(f"linear_dequant: dequantize must be a callable returning the base weight, "
                         f"got {type(dequantize).__name__}")
-    return _LinearDequant.apply(x, bias, dequantize)
+    return _under_autocast(lambda x, bias, deq: _LinearDequant.apply(x, bias, deq), x, bias, dequantize)
 
 
 def lora_linear_dequant(x: torch.Tensor, dequantize: Callable[[], torch.Tensor], bias: torch.Tensor | None,
@@ -93,7 +111,8 @@ def lora_linear_dequant(x: torch.Tensor, dequantize: Callable[[], torch.Tensor],
         scaling: the adapter's scale s.
 
     The shapes and dtypes are checked as :func:`slao_kernels.lora_linear` checks them, on the first
-    dequantized weight, before anything is computed.
+    dequantized weight, before anything is computed. Under autocast the base product runs in the
+    autocast dtype (as ``F.linear`` and :func:`slao_kernels.lora_linear` do) and the adapter in its own.
     """
     if not callable(dequantize):
         raise TypeError(f"lora_linear_dequant: dequantize must be a callable returning the base weight, "
@@ -101,4 +120,5 @@ def lora_linear_dequant(x: torch.Tensor, dequantize: Callable[[], torch.Tensor],
     if bias is not None and bias.requires_grad:
         raise ValueError("lora_linear_dequant: bias requires grad, but the base is frozen (no gradient is computed "
                          "for it); call bias.requires_grad_(False)")
-    return _LoRALinearDequant.apply(x, bias, lora_A, lora_B, scaling, dequantize)
+    return _under_autocast(lambda x, bias, deq, A, B, s: _LoRALinearDequant.apply(x, bias, A, B, s, deq),
+                           x, bias, dequantize, lora_A, lora_B, scaling)
