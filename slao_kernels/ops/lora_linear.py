@@ -42,7 +42,7 @@ import triton.language as tl
 
 from slao_kernels import reference
 from slao_kernels._checks import check_frozen, check_lora_linear_args
-from slao_kernels._ops import LIB, act_dtype, compute_dtype, register_kernels
+from slao_kernels._ops import LIB, NATIVE_CPU, act_dtype, compute_dtype, register_kernels
 from slao_kernels.ops._triton import (
     DTYPE_PAIRS,
     RANK_BLOCKS,
@@ -486,7 +486,9 @@ class _EagerLoRALinear(torch.autograd.Function):
     saved tensors as the registered autograd (:func:`_setup_context`, :func:`_backward`), so the
     same results bit for bit, without ``torch.library``'s per-call Python dispatch around them
     (about 0.3 ms a call fwd+bwd on the 2-vCPU Xeon at SmolLM2's q_proj shape, 512 tokens: 7% of
-    that layer's step). :func:`lora_linear` takes the registered op whenever something must see it
+    that layer's step); on the CPU the same autograd runs in C++ (``slao::lora_linear_eager``,
+    ``csrc/lora_linear.cpp``), without a Python frame either. :func:`lora_linear` takes the registered
+    op whenever something must see it
     as one op: ``torch.compile``, autocast (its cast runs in the dispatcher, before autograd), and
     tensor subclasses (``__torch_function__``), and devices other than CPU and CUDA (meta)."""
 
@@ -524,6 +526,8 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling):
     check_frozen(weight, bias)
     tensors = (x, weight, lora_A, lora_B) if bias is None else (x, weight, bias, lora_A, lora_B)
     if _eager(x, tensors):
+        if x.device.type == "cpu" and NATIVE_CPU:  # the same autograd in C++ (csrc/lora_linear.cpp)
+            return torch.ops.slao.lora_linear_eager(x, weight, bias, lora_A, lora_B, float(scaling))
         return _EagerLoRALinear.apply(x, weight, bias, lora_A, lora_B, float(scaling))
     return torch.ops.slao.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling))[0]
 
