@@ -456,6 +456,20 @@ def test_an_order_of_text_and_generated_tasks_is_refused(model_dir, tmp_path, ca
     assert "mixes embedded text tasks (mnli) with generated ones" in _one_error_line(capsys)
 
 
+@pytest.mark.parametrize("extra, what", [
+    (["--order", "mnli", "--train-size", "64"], "--train-size: only the generated tasks are drawn to a size; the "
+                                                "embedded text stream (mnli) has its own rows"),
+    (["--order", "dbpedia,boolq", "--test-size", "10", "--data-seed", "3"], "--test-size, --data-seed: only"),
+    (["--data", "/some/dir", "--train-size", "64"], "--data /some/dir has its own rows"),
+])
+def test_size_flags_are_refused_for_tasks_with_rows_of_their_own(extra, what, model_dir, tmp_path, capsys,
+                                                                 no_weight_loading):
+    """--train-size/--test-size/--data-seed draw the generated tasks; a run of file-backed tasks
+    refuses them instead of running with other rows than asked."""
+    assert main(["run", "--model", model_dir, "--out", str(tmp_path / "o"), *extra]) == 2
+    assert what in _one_error_line(capsys)
+
+
 def test_info_lists_versions(capsys):
     from slao_kernels import benchmarking as bench
 

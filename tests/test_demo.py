@@ -134,21 +134,22 @@ def test_distinct_answer_tasks_share_the_inputs_not_the_answers():
 
 def test_demo_defaults_the_embedded_text_stream_and_generated_orders_of_either_set():
     from slao_kernels.cli import build_parser
-    from slao_kernels.cli.demo import DEMO_ORDER
+    from slao_kernels.cli.demo import DEMO_ORDER, DEMO_TEST_SIZE
     from slao_kernels.cli.run import _load_tasks
 
     demo, run = build_parser().parse_args(["demo"]), build_parser().parse_args(["run"])
     # the demo's own budget; slao run keeps its defaults
-    assert (demo.targets, demo.steps, demo.max_prompt_tokens, demo.max_test, demo.test_size) == (
-        "q_proj,v_proj", 20, 96, 40, 50)
-    assert (len(run.targets.split(",")), run.steps, run.max_prompt_tokens, run.max_test, run.test_size) == (
-        7, 40, 256, None, 100)
+    assert (demo.targets, demo.steps, demo.max_prompt_tokens, demo.max_test) == ("q_proj,v_proj", 20, 96, 40)
+    assert (len(run.targets.split(",")), run.steps, run.max_prompt_tokens, run.max_test) == (7, 40, 256, None)
 
-    tasks, source = _load_tasks(demo, DEMO_ORDER)
+    tasks, source = _load_tasks(demo, DEMO_ORDER, DEMO_TEST_SIZE)
     assert [t.name for t in tasks] == ["dbpedia", "boolq", "mnli"] and source == {"source": "embedded_text"}
     assert all(len(t.test) == 50 for t in tasks)
+    generated, source = _load_tasks(build_parser().parse_args(["demo", "--order", "large"]), DEMO_ORDER, DEMO_TEST_SIZE)
+    assert source == {"source": "generated", "train_size": 256, "test_size": 50, "data_seed": 0}  # the demo's 50
+    assert _load_tasks(run)[1] == {"source": "generated", "train_size": 256, "test_size": 100, "data_seed": 0}
     mixed, source = _load_tasks(build_parser().parse_args(["demo", "--order", "under_over,large",
-                                                            "--test-size", "10"]), DEMO_ORDER)
+                                                            "--test-size", "10"]), DEMO_ORDER, DEMO_TEST_SIZE)
     assert [(t.name, t.labels) for t in mixed] == [("under_over", ("under", "over")), ("large", ("yes", "no"))]
     assert source["source"] == "generated" and all(len(t.test) == 10 for t in mixed)
 
@@ -175,6 +176,7 @@ def test_demo_data_without_order_runs_every_task_of_the_directory(model_dir, tmp
         (task / "train.json").write_text(json.dumps(rows))
         (task / "test.json").write_text(json.dumps(rows[:4]))
     out = tmp_path / "out"
-    argv = [a for a in TINY_DEMO if a not in ("--order", "large,small")]
+    drop = {"--order", "--train-size", "--test-size"}  # --data: the directory's tasks and rows
+    argv = [a for i, a in enumerate(TINY_DEMO) if a not in drop and (i == 0 or TINY_DEMO[i - 1] not in drop)]
     assert main(["demo", "--model", model_dir, "--out", str(out), "--data", str(tmp_path / "data"), *argv]) == 0
     assert json.loads((out / "comparison.json").read_text())["tasks"] == ["alpha", "beta"]

@@ -125,9 +125,12 @@ def _add_task_args(p) -> None:
                    "(<task>/train.json, test.json, labels.json); default: built-in tasks (see --order)")
     p.add_argument("--order", default=None, help="task order: comma-separated names or a named order "
                    "(order1..order4); default: every task")
-    p.add_argument("--train-size", type=_POSITIVE, default=256, help="generated suite: training rows per task")
-    p.add_argument("--test-size", type=_int_at_least(2), default=100, help="generated suite: test rows per task")
-    p.add_argument("--data-seed", type=_NON_NEGATIVE, default=0, help="generated suite: seed of the rows")
+    p.add_argument("--train-size", type=_POSITIVE, default=None,
+                   help="generated tasks only: training rows per task (default 256)")
+    p.add_argument("--test-size", type=_int_at_least(2), default=None,
+                   help="generated tasks only: test rows per task (default 100; slao demo: 50)")
+    p.add_argument("--data-seed", type=_NON_NEGATIVE, default=None,
+                   help="generated tasks only: seed of the rows (default 0)")
     p.add_argument("--max-test", type=_POSITIVE, default=None,
                    help="evaluate on at most this many test rows per task")
     p.add_argument("--eval-batch-size", type=_POSITIVE, default=16)

@@ -32,8 +32,7 @@ DEMO_TEST_SIZE = 50
 # where the demo's defaults differ from slao run's, so that two strategies fit the quick start's 8 minutes:
 # the adapter of SLAO's experiments (q_proj, v_proj), 20 steps per task, prompts cut to 96 tokens and 40
 # test rows per task
-DEMO_DEFAULTS = {"targets": "q_proj,v_proj", "steps": 20, "max_prompt_tokens": 96, "max_test": 40,
-                 "test_size": DEMO_TEST_SIZE}
+DEMO_DEFAULTS = {"targets": "q_proj,v_proj", "steps": 20, "max_prompt_tokens": 96, "max_test": 40}
 # the files and directories of a demo in --out: what --overwrite replaces
 _OUTPUTS = ("comparison.json", "comparison.md", "comparison.png", "results.json", "results.md", "quality.png",
             "memory.png", "runs")
@@ -144,7 +143,7 @@ def cmd_demo(args) -> int:
     out = os.path.abspath(args.out)
     _check_out(out, args)
     specs = _specs(args.strategies)
-    tasks, source = _load_tasks(args, None if args.data else DEMO_ORDER)  # --data: all its tasks
+    tasks, source = _load_tasks(args, None if args.data else DEMO_ORDER, DEMO_TEST_SIZE)  # --data: all its tasks
     config = _run_config(args)
     for spec in specs:
         name, options = parse_spec(spec)

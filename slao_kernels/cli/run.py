@@ -10,15 +10,26 @@ import time
 from slao_kernels.cli._args import UsageError, _strategy_options
 
 
-def _load_tasks(args, default_order: str | None = None):
+def _load_tasks(args, default_order: str | None = None, default_test_size: int = 100):
     """Tasks from --data (CL_Benchmark layout), else built-in ones in --order: the embedded
     real-text tasks (:data:`~slao_kernels.continual.tasks.TEXT_ORDER`) or generated ones (any of
     :data:`~slao_kernels.continual.tasks.ALL_GENERATED_RULES`); without an order, the generated
-    suite (:data:`~slao_kernels.continual.tasks.GENERATED_RULES`)."""
+    suite (:data:`~slao_kernels.continual.tasks.GENERATED_RULES`). --train-size, --test-size and
+    --data-seed make the generated tasks' rows; tasks read from files have their own, and those
+    flags are refused with them rather than ignored."""
     from slao_kernels.continual import tasks as T
 
     order = args.order or default_order
+    sizes = {"--train-size": args.train_size, "--test-size": args.test_size, "--data-seed": args.data_seed}
+    given = [flag for flag, value in sizes.items() if value is not None]
+
+    def no_sizes(what: str) -> None:
+        if given:
+            raise UsageError(f"{', '.join(given)}: only the generated tasks are drawn to a size; {what} has its own "
+                             f"rows (--max-test evaluates on fewer)")
+
     if args.data:
+        no_sizes(f"--data {args.data}")
         return T.load_task_dir(args.data, order), {"source": "directory", "data": os.path.abspath(args.data)}
     names = T.resolve_order(order or list(T.GENERATED_RULES), [*T.ALL_GENERATED_RULES, *T.TEXT_ORDER])
     text = [n for n in names if n in T.TEXT_ORDER]
@@ -26,14 +37,17 @@ def _load_tasks(args, default_order: str | None = None):
         raise UsageError(f"--order {','.join(names)}: mixes embedded text tasks ({','.join(text)}) with generated "
                          f"ones; choose one kind")
     if text:
+        no_sizes(f"the embedded text stream ({','.join(text)})")
         return T.text_stream(names), {"source": "embedded_text"}
+    train_size = 256 if args.train_size is None else args.train_size
+    test_size = default_test_size if args.test_size is None else args.test_size
+    data_seed = 0 if args.data_seed is None else args.data_seed
     try:
-        tasks = T.generated_suite(names, train_size=args.train_size, test_size=args.test_size, seed=args.data_seed,
+        tasks = T.generated_suite(names, train_size=train_size, test_size=test_size, seed=data_seed,
                                   rules=T.ALL_GENERATED_RULES)
     except ValueError as e:
-        raise UsageError(f"--train-size {args.train_size} / --test-size {args.test_size}: {e}") from None
-    return tasks, {"source": "generated", "train_size": args.train_size, "test_size": args.test_size,
-                   "data_seed": args.data_seed}
+        raise UsageError(f"--train-size {train_size} / --test-size {test_size}: {e}") from None
+    return tasks, {"source": "generated", "train_size": train_size, "test_size": test_size, "data_seed": data_seed}
 
 
 def _device(name: str) -> str:
