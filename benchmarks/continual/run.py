@@ -33,6 +33,7 @@ def main(argv=None) -> int:
         write_summary,
     )
     from slao_kernels.continual.models import check_quantize, load_quantized_model
+    from slao_kernels.continual.strategies import STRATEGIES
     from slao_kernels.patching import LoRAConfig
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
     quantize = args.quantize or cfg.get("quantize")
     for spec in specs:
         name, _ = parse_spec(spec)  # a typo fails now, not after an hour
-        if quantize and name in ("lora_ga", "slice"):
+        if quantize and STRATEGIES[name].strategy.writes_base:
             p.error(f"--quantize {quantize}: {spec} rewrites the base weights, which a quantized base cannot store")
     if quantize:
         try:

@@ -169,10 +169,12 @@ def cmd_run(args) -> int:
     quantize = getattr(args, "quantize", None)
     if quantize is not None:
         from slao_kernels.continual.models import check_quantize
+        from slao_kernels.continual.strategies import STRATEGIES
 
-        if args.strategy in ("lora_ga", "slice"):
+        if STRATEGIES[args.strategy].strategy.writes_base:
+            keep = ", ".join(n for n, e in STRATEGIES.items() if not e.strategy.writes_base)
             raise UsageError(f"--quantize {quantize}: --strategy {args.strategy} rewrites the base weights, which a "
-                             "quantized base cannot store; choose slao, seqlora, inclora, olora or multitask")
+                             f"quantized base cannot store; choose {keep}")
         try:
             check_quantize(quantize)
         except (ValueError, ImportError) as e:

@@ -59,11 +59,14 @@ class Strategy(Protocol):
         single_adapter: whether the result is the one adapter in the model over the
             original base weights (what the PEFT format holds); False where frozen
             adapters or merged base weights are part of it.
+        writes_base: whether the strategy rewrites the base weights (so it cannot run on a
+            quantized base, which has nowhere to store them).
         modules: the model's :class:`~slao_kernels.LoRALinear` modules by path.
     """
 
     name: str
     single_adapter: bool
+    writes_base: bool
     modules: dict[str, LoRALinear]
 
     def attach(self, encoder, train_config, tasks: Sequence[Task] = ()) -> None:

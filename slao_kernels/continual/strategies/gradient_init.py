@@ -29,6 +29,7 @@ class GradientInitStrategy(LoRAStrategy):
     The base weights change, so they are part of the checkpoint."""
 
     single_adapter = False  # the result is in the base weights
+    writes_base = True
 
     def __init__(self, model: nn.Module, config: StrategyConfig | None = None):
         super().__init__(model, config)

@@ -41,6 +41,7 @@ class LoRAStrategy:
     name: str  # the registry gives these (register_strategy)
     config_class: type[StrategyConfig]
     single_adapter = True
+    writes_base = False
 
     def __init__(self, model: nn.Module, config: StrategyConfig | None = None):
         self.options = own_config(type(self), config)
@@ -152,6 +153,7 @@ class SLAOStrategy:
     name: str
     config_class: type[StrategyConfig]
     single_adapter = True
+    writes_base = False
 
     def __init__(self, model: nn.Module, config: SLAOConfig | None = None):
         self.options: SLAOConfig = own_config(type(self), config)
@@ -230,6 +232,7 @@ class IncLoRA(LoRAStrategy):
     """
 
     single_adapter = False  # the frozen adapters are part of the result
+    writes_base = False
 
     def __init__(self, model: nn.Module, config: StrategyConfig | None = None):
         super().__init__(model, config)
