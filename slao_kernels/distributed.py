@@ -106,11 +106,19 @@ def write_on_main_process(write: Callable[[], T], what: str, device: torch.devic
     code = torch.tensor([0 if error is None else 2 if isinstance(error, KeyboardInterrupt) else 1],
                         dtype=torch.int32, device=device)
     dist.all_reduce(code, op=dist.ReduceOp.MAX)
+    outcome = int(code.item())
+    # The last collective is a barrier, as before this exchange existed: gloo's worker thread is done
+    # with ``code`` when it returns. Otherwise a worker that drops a Python-made tensor's last
+    # reference after the interpreter has begun to finalize cannot take the GIL and aborts the
+    # process ("terminate called without an active exception": seen once in a 2-process FSDP2 run
+    # that stopped right after a save).
+    del code
+    dist.barrier()
     if error is not None:
         raise error
-    if int(code.item()) == 2:
+    if outcome == 2:
         raise KeyboardInterrupt
-    if int(code.item()) == 1:
+    if outcome == 1:
         raise RuntimeError(f"{what}: rank 0 failed to write (its error says why); nothing else was written")
     return result
 
