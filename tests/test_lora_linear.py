@@ -142,6 +142,42 @@ def test_op_matches_reference(device, dt, lora_dt, r):
     check_backward(grads, dy, ga, x, weight, A, B, act, s)
 
 
+@pytest.mark.parametrize("dt,lora_dt", DTYPE_PAIRS + [(torch.float64, torch.float64)])
+@pytest.mark.parametrize("r", [3, 8])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cpu_small_rank_kernels_over_many_rows(dt, lora_dt, r, bias):
+    """The C++ rank-tile path (r ≤ 8, the adapter zero-padded to 8): 602 rows make five accumulator chunks
+    of the backward with a remainder of the 4-row blocks; 33 and 47 features leave tails after the vectors."""
+    x, weight, b, A, B, s = make_inputs(301, 33, 47, r, dt, lora_dt, lead=(2,), bias=bias)
+    out, act = torch.ops.slao.lora_linear(x, weight, b, A, B, s)
+    check_forward(out, act, x, weight, b, A, B, s)
+    dy, ga = torch.randn_like(out), torch.randn_like(act)
+    for grad_act in (ga, None):
+        grads = torch.ops.slao.lora_linear_backward(dy, grad_act, x, weight, A, B, act, s, True)
+        check_backward(grads, dy, torch.zeros_like(act) if grad_act is None else ga, x, weight, A, B, act, s)
+        grad_x, grad_A, grad_B = torch.ops.slao.lora_linear_backward(dy, grad_act, x, weight, A, B, act, s, False)
+        assert grad_x.numel() == 0 and torch.equal(grad_A, grads[1]) and torch.equal(grad_B, grads[2])
+
+
+def test_cpu_small_rank_results_do_not_depend_on_the_thread_count():
+    """The rank-tile kernels sum in an order fixed by the shapes alone: lora_act, grad_A and grad_B come out
+    bit for bit the same on one thread and on two (the base GEMMs are BLAS's, not covered by this)."""
+    x, weight, b, A, B, s = make_inputs(600, 576, 576, 8, torch.float32, torch.float32)
+    dy = torch.randn(600, 576)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            _, act = torch.ops.slao.lora_linear(x, weight, b, A, B, s)
+            _, grad_A, grad_B = torch.ops.slao.lora_linear_backward(dy, None, x, weight, A, B, act, s, False)
+            results.append((act, grad_A, grad_B))
+    finally:
+        torch.set_num_threads(threads)
+    for name, one, two in zip(("lora_act", "grad_A", "grad_B"), *results, strict=True):
+        assert torch.equal(one, two), name
+
+
 def _downcasting(forward, backward):
     """A deliberately wrong kernel pair: the adapter is rounded to bf16 on the way in and its gradients on
     the way out, what a kernel computing an fp32 adapter in 16 bits would give."""
