@@ -1,7 +1,8 @@
 """A whole SmolLM2-135M training step, the figure users feel: our adapter against PEFT's and
 against the frozen model alone.
 
-One step = forward with Hugging Face's loss, backward, AdamW step, zero_grad; batch 4 × 128
+One step = forward with Hugging Face's loss, backward, AdamW step (the training loop's own,
+``slao_kernels.continual.train.adamw``: fused, for both adapters), zero_grad; batch 4 × 128
 tokens, r=8 (alpha 16) on all seven projections of every layer, fp32, on the CPU. Variants:
 
 * ``frozen``: no adapter, every weight frozen, backward through every layer
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 from slao_kernels import benchmarking as bench
+from slao_kernels.continual.train import adamw
 
 BATCH, TOKENS, RANK = 4, 128, 8
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -53,7 +55,7 @@ def training_step(variant: str, seed: int = 0):
     else:
         raise ValueError(f"variant must be frozen, slao or peft, got {variant!r}")
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
+    optimizer = adamw(trainable, lr=1e-4) if trainable else None
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (BATCH, TOKENS), generator=generator)
 

@@ -29,7 +29,7 @@ from slao_kernels.continual.evaluate import brute_force_scores
 from slao_kernels.continual.prompts import collate_answers
 from slao_kernels.continual.report import format_report
 from slao_kernels.continual.tasks import GENERATED_RULES, resolve_order
-from slao_kernels.continual.train import answer_loss, lr_factor
+from slao_kernels.continual.train import adamw, answer_loss, lr_factor
 
 needs_data = pytest.mark.skipif(not os.path.isdir(DATA_DIR), reason=f"no task data at {DATA_DIR}")
 
@@ -458,3 +458,22 @@ def test_resuming_an_interrupted_run_reproduces_the_uninterrupted_one(tmp_path, 
         run_stream(_model(tokenizer), tokenizer, tasks, other, out=str(tmp_path / "cut"), resume=True, **quiet)
     with pytest.raises(ValueError, match="is a run over"):
         run_stream(_model(tokenizer), tokenizer, tasks[:2], config, out=str(tmp_path / "cut"), resume=True, **quiet)
+
+
+def test_adamw_is_fused_for_plain_cpu_tensors_and_agrees_with_the_loop():
+    """The training loop's AdamW takes torch's fused kernel on plain CPU tensors (8 ms against 43 ms a step
+    for SmolLM2's 420 adapter tensors) and torch's default elsewhere (here: the meta device); fused and
+    per-tensor AdamW agree to rounding: after 10 steps within 10 fp32 roundings at the parameters' scale."""
+    ps = [torch.randn(8, 16, requires_grad=True) for _ in range(3)]
+    qs = [p.detach().clone().requires_grad_() for p in ps]
+    fused, loop = adamw(ps, lr=1e-2, weight_decay=0.1), torch.optim.AdamW(qs, lr=1e-2, weight_decay=0.1, foreach=False)
+    assert fused.defaults["fused"] is True and not loop.defaults["fused"]
+    assert adamw([torch.nn.Parameter(torch.empty(2, device="meta"))], lr=1.0).defaults["fused"] is None
+    for _ in range(10):
+        for p, q in zip(ps, qs, strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        fused.step()
+        loop.step()
+    for p, q in zip(ps, qs, strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=10 * torch.finfo(torch.float32).eps * q.abs().max().item())

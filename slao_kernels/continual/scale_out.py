@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from slao_kernels import distributed as dist_utils
 from slao_kernels._files import write_json_atomic
 from slao_kernels.continual.slao import SLAO
+from slao_kernels.continual.train import adamw
 from slao_kernels.patching import LLAMA_PROJECTIONS, LoRAConfig, lora_modules, patch_llama
 from slao_kernels.peft_format import save_peft_adapter
 
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     while slao.task_index < last:
         task = slao.begin_task()
         params = list(slao.parameters())
-        optimizer = (torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0) if args.optimizer == "adamw"
+        optimizer = (adamw(params, lr=args.lr) if args.optimizer == "adamw"
                      else torch.optim.SGD(params, lr=args.lr))  # a new one per task
         if accelerator is not None:
             optimizer = accelerator.prepare_optimizer(optimizer)

@@ -80,6 +80,18 @@ class TrainConfig:
         return asdict(self)
 
 
+def adamw(params: Sequence[nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` over ``params``, fused (one kernel over every tensor) where torch has that
+    kernel for all of them: plain floating-point tensors on the CPU or a CUDA device; otherwise (sharded
+    ``DTensor`` parameters, other devices) torch's default. Fused and unfused AdamW agree to the last bit
+    or two of fp32. Measured on the 2-vCPU Xeon: the 420 adapter tensors of SmolLM2-135M (r=8, seven
+    projections) step in 8 ms fused, 43 ms with the per-tensor loop that is torch's CPU default."""
+    params = list(params)
+    fused = all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") and p.is_floating_point()
+                for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 def lr_factor(step: int, total: int, warmup: float, schedule: str) -> float:
     """Multiplier of the peak learning rate at optimizer step ``step`` (0-based) of ``total``."""
     warm = int(round(warmup * total))
@@ -145,7 +157,7 @@ def train_task(model: nn.Module, encoder: PromptEncoder, task: Task | Sequence[T
     micro = config.batch_size
     order = row_order(len(pool), total * config.grad_accum * micro, config.seed, name)
     autocast = config.autocast if config.autocast is not None else device.type == "cuda"
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = adamw(params, lr=config.lr, weight_decay=config.weight_decay)
     torch.manual_seed(hash_name(f"{config.seed}:{name}:dropout"))
 
     from tqdm.auto import tqdm
