@@ -194,8 +194,10 @@ void store_sum(Tensor& out, const acc_t* parts, int64_t chunks, int64_t block_st
   });
 }
 
-// Rows per accumulator chunk of the backward: a function of M alone (so the sums, and the results, do
-// not depend on the number of threads), at least 128 rows, at most kMaxChunks chunks.
+// The backward's accumulator chunks: ceil(M / kChunkRows) of them, at most kMaxChunks, of near-equal
+// row counts. A function of M alone, so the sums, and the results, do not depend on the number of
+// threads; it also bounds the rank-r work's parallelism (one thread up to kChunkRows rows, where that
+// work is a few tens of µs).
 constexpr int64_t kChunkRows = 128, kMaxChunks = 16;
 constexpr int64_t kRowBlock = 4;  // rows per load and store of the accumulators
 
@@ -282,6 +284,14 @@ void check_args(const Tensor& x, const Tensor& weight, const Tensor& lora_A, con
               " differs from weight dtype ", weight.scalar_type());
 }
 
+void check_bias(const std::optional<Tensor>& bias, const Tensor& x, const Tensor& weight) {
+  if (!bias.has_value()) return;
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "slao::lora_linear: bias must have shape (",
+              weight.size(0), ",), got ", bias->sizes());
+  TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "slao::lora_linear: bias dtype ", bias->scalar_type(),
+              " differs from x dtype ", x.scalar_type());
+}
+
 std::vector<int64_t> with_last(const Tensor& t, int64_t last) {
   std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end() - 1);
   shape.push_back(last);
@@ -291,6 +301,7 @@ std::vector<int64_t> with_last(const Tensor& t, int64_t last) {
 std::tuple<Tensor, Tensor> lora_linear_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                            const Tensor& lora_A, const Tensor& lora_B, double scaling) {
   check_args(x, weight, lora_A, lora_B);
+  check_bias(bias, x, weight);
   const int64_t n = weight.size(1), m = weight.size(0), r = lora_A.size(0);
   const auto acc = acc_dtype(x, lora_A);
   Tensor x2 = x.reshape({-1, n});

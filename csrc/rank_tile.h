@@ -71,14 +71,37 @@ struct Native {
   static constexpr int64_t lanes = kNativeBytes / sizeof(T);
 };
 
-// Σ of the lanes of v by halving: a fixed order, log2(lanes) shuffle-adds, all in registers.
+// Σ of the lanes of v by halving: a fixed order, log2(lanes) shuffle-adds. With __builtin_shufflevector
+// (GCC 12+, clang) the halves stay in registers; older compilers take them through memory, same order.
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define SLAO_HAS_SHUFFLEVECTOR 1
+#endif
+#endif
+
 template <typename vec, size_t... I>
 inline auto low_half(const vec& v, std::index_sequence<I...>) {
+#ifdef SLAO_HAS_SHUFFLEVECTOR
   return __builtin_shufflevector(v, v, I...);
+#else
+  typedef std::remove_cv_t<std::remove_reference_t<decltype(v[0])>> T;
+  typedef T half __attribute__((vector_size(sizeof...(I) * sizeof(T))));
+  half h;
+  std::memcpy(&h, &v, sizeof(half));
+  return h;
+#endif
 }
 template <typename vec, size_t... I>
 inline auto high_half(const vec& v, std::index_sequence<I...>) {
+#ifdef SLAO_HAS_SHUFFLEVECTOR
   return __builtin_shufflevector(v, v, (I + sizeof...(I))...);
+#else
+  typedef std::remove_cv_t<std::remove_reference_t<decltype(v[0])>> T;
+  typedef T half __attribute__((vector_size(sizeof...(I) * sizeof(T))));
+  half h;
+  std::memcpy(&h, reinterpret_cast<const char*>(&v) + sizeof(half), sizeof(half));
+  return h;
+#endif
 }
 template <typename vec>
 inline auto tree_sum(const vec& v) {

@@ -30,15 +30,6 @@ inline vec load(const T* p) {
   return v;
 }
 
-// The lanes of v summed in order.
-template <typename vec>
-inline auto hsum(const vec& v) {
-  constexpr int64_t lanes = sizeof(vec) / sizeof(v[0]);
-  std::remove_cv_t<std::remove_reference_t<decltype(v[0])>> sum = 0;
-  for (int64_t l = 0; l < lanes; ++l) sum += v[l];
-  return sum;
-}
-
 // o[0:lanes] += acc, rounding once to o's dtype.
 template <typename scalar_t, typename vec>
 inline void add_to(scalar_t* o, const vec& acc) {

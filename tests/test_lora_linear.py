@@ -142,16 +142,21 @@ def test_op_matches_reference(device, dt, lora_dt, r):
     check_backward(grads, dy, ga, x, weight, A, B, act, s)
 
 
-@pytest.mark.parametrize("dt,lora_dt", DTYPE_PAIRS + [(torch.float64, torch.float64)])
+@pytest.mark.parametrize("dt,lora_dt", DTYPE_PAIRS + [(torch.float64, torch.float64), (torch.float32, torch.float64),
+                                                    (torch.bfloat16, torch.float64), (torch.float64, torch.float32)])
 @pytest.mark.parametrize("r", [3, 8])
 @pytest.mark.parametrize("bias", [True, False])
 def test_cpu_small_rank_kernels_over_many_rows(dt, lora_dt, r, bias):
     """The C++ rank-tile path (r ≤ 8, the adapter zero-padded to 8): 602 rows make five accumulator chunks
-    of the backward with a remainder of the 4-row blocks; 33 and 47 features leave tails after the vectors."""
+    of the backward with remainders of the 4-row blocks; 33 and 47 features leave tails after the vectors;
+    the adapter, the saved activation and its gradient are passed as strided views."""
     x, weight, b, A, B, s = make_inputs(301, 33, 47, r, dt, lora_dt, lead=(2,), bias=bias)
+    A, B = A.t().contiguous().t(), B.t().contiguous().t()  # same values, column-major
+    assert not A.is_contiguous() and not B.is_contiguous()
     out, act = torch.ops.slao.lora_linear(x, weight, b, A, B, s)
     check_forward(out, act, x, weight, b, A, B, s)
-    dy, ga = torch.randn_like(out), torch.randn_like(act)
+    act = act.transpose(-1, -2).contiguous().transpose(-1, -2)
+    dy, ga = torch.randn_like(out), torch.randn_like(act).transpose(-1, -2).contiguous().transpose(-1, -2)
     for grad_act in (ga, None):
         grads = torch.ops.slao.lora_linear_backward(dy, grad_act, x, weight, A, B, act, s, True)
         check_backward(grads, dy, torch.zeros_like(act) if grad_act is None else ga, x, weight, A, B, act, s)
@@ -162,8 +167,8 @@ def test_cpu_small_rank_kernels_over_many_rows(dt, lora_dt, r, bias):
 def test_cpu_small_rank_results_do_not_depend_on_the_thread_count():
     """The rank-tile kernels sum in an order fixed by the shapes alone: lora_act, grad_A and grad_B come out
     bit for bit the same on one thread and on two (the base GEMMs are BLAS's, not covered by this)."""
-    x, weight, b, A, B, s = make_inputs(600, 576, 576, 8, torch.float32, torch.float32)
-    dy = torch.randn(600, 576)
+    x, weight, b, A, B, s = make_inputs(601, 579, 581, 8, torch.float32, torch.float32)  # tails everywhere
+    dy = torch.randn(601, 581)
     threads = torch.get_num_threads()
     results = []
     try:
@@ -176,6 +181,17 @@ def test_cpu_small_rank_results_do_not_depend_on_the_thread_count():
         torch.set_num_threads(threads)
     for name, one, two in zip(("lora_act", "grad_A", "grad_B"), *results, strict=True):
         assert torch.equal(one, two), name
+
+
+@pytest.mark.parametrize("bias,match", [(torch.zeros(1), "bias must have shape"),
+                                        (torch.zeros(2, 90), "bias must have shape"),
+                                        (torch.zeros(90, dtype=torch.float64), "bias dtype")])
+def test_cpu_op_refuses_a_bias_that_does_not_fit(bias, match):
+    """Called directly (not through slao_kernels.lora_linear's checks), the op refuses a bias that would
+    broadcast or be cast: the rank-tile path writes b + u·(s·B)ᵀ itself and reads exactly m elements."""
+    x, weight, _, A, B, s = make_inputs(37, 70, 90, 8, torch.float32, torch.float32)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.slao.lora_linear(x, weight, bias, A, B, s)
 
 
 def _downcasting(forward, backward):
