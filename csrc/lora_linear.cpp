@@ -10,7 +10,7 @@
 //   the output first and BLAS adds the base product to it (beta = 1), so the M×m output and dx are
 //   written by the pass and read once by BLAS, never read back by a separate update.
 // * larger ranks: BLAS, each product written straight into its destination, the reductions in the
-//   orientation MKL runs fastest (r = 16 at 512×576: `A·xᵀ` 31 µs against 61 µs for `x·Aᵀ`, `uᵀ·dy`
+//   orientation MKL runs fastest (measured at r = 8, 512×576: `A·xᵀ` 31 µs against 61 µs for `x·Aᵀ`, `uᵀ·dy`
 //   32 µs against 123 µs for `dyᵀ·u`), the rank-r updates of out and dx accumulated in place.
 //
 // Either way a 16-bit output takes its rank-r update summed in fp32 and rounded once, rather than
