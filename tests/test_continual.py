@@ -52,23 +52,29 @@ def test_task_dir_matches_its_manifest():
 def test_embedded_text_stream_is_balanced_held_out_and_attributed():
     from collections import Counter
 
-    from slao_kernels.continual.tasks import TEXT_STREAM_DIR, text_stream
+    from slao_kernels.continual.tasks import TEXT_STREAM_DIR, TEXT_TASKS, task_dir_names, text_stream
 
-    tasks = text_stream()
-    assert [t.name for t in tasks] == ["dbpedia", "boolq", "mnli"]
-    assert [len(t.labels) for t in tasks] == [14, 2, 3]
+    assert [t.name for t in text_stream()] == ["dbpedia", "boolq", "mnli"]
+    tasks = text_stream(TEXT_TASKS)
+    assert sorted(TEXT_TASKS) == task_dir_names(TEXT_STREAM_DIR)  # every shipped task is selectable
+    assert [len(t.labels) for t in tasks] == [14, 2, 3, 5, 5, 4]
+    # split DBpedia: the 14 topics in their order, in groups of 5, 5 and 4, one question, no answer in common
+    dbpedia, parts = tasks[0], tasks[3:]
+    assert [label for part in parts for label in part.labels] == list(dbpedia.labels)
+    assert {part.instruction for part in parts} == {dbpedia.instruction}
     for t in tasks:
         assert (len(t.train), len(t.test)) == (256, 50)
         for rows in (t.train, t.test):
             counts = Counter(r.label for r in rows)
             assert set(counts) == set(t.labels) and max(counts.values()) - min(counts.values()) <= 1, t.name
-        assert not {r.text for r in t.test} & {r.text for r in t.train}, t.name  # no test row trained on
+        # no test row is trained on, by this task or another one of the stream
+        assert not {r.text for r in t.test} & {r.text for task in tasks for r in task.train}, t.name
         assert all(0 < len(r.text) <= 1000 for r in t.train + t.test)
     assert [t.name for t in text_stream("mnli,dbpedia")] == ["mnli", "dbpedia"]
     with open(os.path.join(TEXT_STREAM_DIR, "SOURCES.md"), encoding="utf-8") as f:
         rows = {line.split("|")[1].strip(" `"): line for line in f if line.startswith("| `")}
-    assert set(rows) == {"dbpedia", "boolq", "mnli"}
-    assert "CC BY-SA 3.0" in rows["dbpedia"] and "CC BY-SA 3.0" in rows["boolq"]
+    assert set(rows) == set(TEXT_TASKS)  # a source and a licence for every task
+    assert all("CC BY-SA 3.0" in rows[name] for name in ("dbpedia", "boolq", "dbpedia_1", "dbpedia_2", "dbpedia_3"))
     assert "Open American National Corpus" in rows["mnli"]
 
 

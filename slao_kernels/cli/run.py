@@ -12,7 +12,7 @@ from slao_kernels.cli._args import UsageError, _strategy_options
 
 def _load_tasks(args, default_order: str | None = None, default_test_size: int = 100):
     """Tasks from --data (CL_Benchmark layout), else built-in ones in --order: the embedded
-    real-text tasks (:data:`~slao_kernels.continual.tasks.TEXT_ORDER`) or generated ones (any of
+    real-text tasks (:data:`~slao_kernels.continual.tasks.TEXT_TASKS`) or generated ones (any of
     :data:`~slao_kernels.continual.tasks.ALL_GENERATED_RULES`); without an order, the generated
     suite (:data:`~slao_kernels.continual.tasks.GENERATED_RULES`). --train-size, --test-size and
     --data-seed make the generated tasks' rows; tasks read from files have their own, and those
@@ -31,8 +31,8 @@ def _load_tasks(args, default_order: str | None = None, default_test_size: int =
     if args.data:
         no_sizes(f"--data {args.data}")
         return T.load_task_dir(args.data, order), {"source": "directory", "data": os.path.abspath(args.data)}
-    names = T.resolve_order(order or list(T.GENERATED_RULES), [*T.ALL_GENERATED_RULES, *T.TEXT_ORDER])
-    text = [n for n in names if n in T.TEXT_ORDER]
+    names = T.resolve_order(order or list(T.GENERATED_RULES), [*T.ALL_GENERATED_RULES, *T.TEXT_TASKS])
+    text = [n for n in names if n in T.TEXT_TASKS]
     if text and len(text) < len(names):
         raise UsageError(f"--order {','.join(names)}: mixes embedded text tasks ({','.join(text)}) with generated "
                          f"ones; choose one kind")

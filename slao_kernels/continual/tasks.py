@@ -9,8 +9,9 @@ train/test rows of ``(text, label)``. Three sources:
   rows ``{"sentence": str, "label": str}``.
 * :func:`load_hf_task` — anything Hugging Face ``datasets`` reads (a dataset
   name, or local json/csv/parquet files), with a text and a label column.
-* :func:`text_stream` — the embedded real-text stream (:data:`TEXT_ORDER`: DBpedia topics, BoolQ
-  questions, MultiNLI inference): a few hundred rows per task cut from public sets whose
+* :func:`text_stream` — the embedded real-text tasks (:data:`TEXT_TASKS`: DBpedia topics, BoolQ
+  questions, MultiNLI inference, and split DBpedia's three parts, each over a group of the
+  topics): a few hundred rows per task cut from public sets whose
   licences allow redistribution with attribution (``data/text/SOURCES.md``), shipped in the
   package so that ``slao demo`` runs on real text offline.
 * :func:`generated_suite` — procedurally generated tasks over three-digit
@@ -127,6 +128,8 @@ def resolve_order(order: str | Sequence[str] | None, available: Sequence[str]) -
 INSTRUCTIONS = {
     "agnews": "What is the topic of this news article?",
     "dbpedia": "What kind of entity does this encyclopedia entry describe?",
+    # split DBpedia (the embedded stream's dbpedia_1..3): the same question over a group of the topics
+    **{f"dbpedia_{k}": "What kind of entity does this encyclopedia entry describe?" for k in (1, 2, 3)},
     "amazon": "How positive is this product review?",
     "yelp": "How positive is this restaurant review?",
     "imdb": "Is the sentiment of this movie review good or bad?",
@@ -205,6 +208,9 @@ TEXT_STREAM_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data
 # three kinds of question with answers of their own: a topic (14 names), yes/no-style True/False about a
 # passage, and entailment/neutral/contradiction between two sentences
 TEXT_ORDER: tuple[str, ...] = ("dbpedia", "boolq", "mnli")
+# every embedded task: TEXT_ORDER's and split DBpedia's three parts (the 14 topics in the source's
+# order, in consecutive groups of 5, 5 and 4: one question, one kind of input, no answer in common)
+TEXT_TASKS: tuple[str, ...] = (*TEXT_ORDER, "dbpedia_1", "dbpedia_2", "dbpedia_3")
 
 
 def text_stream(names: Sequence[str] | str | None = None) -> list[Task]:
