@@ -3,17 +3,19 @@
 // the previous fine-tuned A.
 //
 // Fast path, CholeskyQR(2): G = X·Xᵀ (r×r), L = chol(G), X ← L⁻¹·X, repeated
-// once more only when the Gram matrix of the result is not I to kOrthoTol
-// (that Gram doubles as the next pass's input, see cholesky_qr). Since
+// once more unless the Gram matrix of the result is I to fp32 rounding
+// (√n·eps; that Gram doubles as the next pass's input, see cholesky_qr). Since
 // Aᵀ = QR gives A·Aᵀ = RᵀR, L = Rᵀ has a positive diagonal, so the result is
 // already the sign-fixed factor (R = R₂R₁ keeps a positive diagonal).
 // Each matrix is done whole by one thread, in its slot of the output and one
 // per-thread scratch buffer (256 KB each at r=16, n=4096: they stay in L2
-// through the passes and the checks): the Gram matrices and X ← L⁻¹·X as
-// GEMMs into those buffers (single-threaded inside the parallel region), the
-// r×r Cholesky and triangular inverse in fp64 by hand. Batched BLAS on whole tensors spent its time
-// allocating and first-touching 58 MB temporaries (a fresh copy of the
-// 224×16×4096 set takes 20 ms on this VM, a copy into existing memory 5 ms).
+// through the passes and the checks): the Gram matrices and X ← L⁻¹·X by
+// register-tiled loops over raw fp32 rows (gram, apply_inverse; no tensor op
+// per matrix), the r×r Cholesky and triangular inverse in fp64 by hand.
+// Batched BLAS on whole tensors spent its time allocating and first-touching
+// 58 MB temporaries (a fresh copy of the 224×16×4096 set takes 20 ms on this
+// VM, a copy into existing memory 5 ms); BLAS per matrix ran these shapes far
+// below its GEMM rate (see gram).
 //
 // CholeskyQR2 is exact to rounding for cond(A) up to ~u^(-1/2) (~3e3 in fp32)
 // and silently loses orthogonality beyond, so every result is checked:
@@ -48,6 +50,7 @@
 #include <utility>
 #include <vector>
 
+#include "rank_tile.h"
 #include "simd.h"
 
 namespace slao {
@@ -57,6 +60,7 @@ using at::Tensor;
 
 // Largest accepted max|QQᵀ − I| (the library's orthonormality contract).
 constexpr double kOrthoTol = 1e-5;
+constexpr double kEpsF32 = 1.1920928955078125e-7;  // 2^-23
 
 // G (r×r, row-major) ← its lower Cholesky factor. False if G is not positive definite.
 bool cholesky_inplace(double* G, int64_t r) {
@@ -88,17 +92,116 @@ void invert_lower(const double* L, double* Linv, int64_t r) {
   }
 }
 
-// G ← X·Xᵀ (r×r, fp64) for X (r×n): one GEMM into the thread's r×r buffer.
-void gram(const Tensor& X, Tensor& G_acc, std::vector<double>& G) {
-  at::mm_out(G_acc, X, X.t());
-  const Tensor G64 = G_acc.to(at::kDouble);
-  std::copy(G64.const_data_ptr<double>(), G64.const_data_ptr<double>() + G64.numel(), G.begin());
+// ---- the fast path's products, register-tiled (fp32; any r ≤ n) ----
+//
+// At r = 16, n = 4096 BLAS runs X·Xᵀ (N = M = r) at ~40 GFLOP/s and L⁻¹·X (K = r) at ~75 on this
+// project's Xeon VM, one core: 54 µs and 28 µs for 2 MFLOP each, most of the whole op. Both are streams
+// over X's rows with an r-sized side that fits in registers, like the rank-r products of lora_linear
+// (rank_tile.h, whose vector types and lane sums these share).
+
+// A Gram tile: TI rows × TJ rows of accumulators (TI·TJ independent FMA chains, TI + TJ loads per TI·TJ
+// FMAs); 4×4 takes 24 of AVX-512's 32 vector registers, 2×4 14 of AVX2's 16.
+constexpr int kGramRows = kNativeBytes == 64 ? 4 : 2;
+constexpr int kGramCols = 4;
+
+// G[i, j] and G[j, i] = ⟨x_i, x_j⟩ for i0 ≤ i < i0 + TI, j0 ≤ j < j0 + TJ (X: rows of n). The lanes are
+// summed in fp64, the tail columns added in fp64: a fixed order.
+template <int TI, int TJ>
+void gram_tile(const float* __restrict__ X, int64_t n, int64_t i0, int64_t j0, double* __restrict__ G, int64_t r) {
+  using vec = Native<float>::type;
+  constexpr int64_t L = Native<float>::lanes;
+  vec acc[TI][TJ] = {};
+  const float* xi[TI];
+  const float* xj[TJ];
+  for (int a = 0; a < TI; ++a) xi[a] = X + (i0 + a) * n;
+  for (int b = 0; b < TJ; ++b) xj[b] = X + (j0 + b) * n;
+  int64_t c = 0;
+  for (; c + L <= n; c += L) {
+    vec vi[TI], vj[TJ];
+    for (int a = 0; a < TI; ++a) vi[a] = load<vec>(xi[a] + c);
+    for (int b = 0; b < TJ; ++b) vj[b] = load<vec>(xj[b] + c);
+    for (int a = 0; a < TI; ++a)
+      for (int b = 0; b < TJ; ++b) acc[a][b] += vi[a] * vj[b];
+  }
+  for (int a = 0; a < TI; ++a) {
+    for (int b = 0; b < TJ; ++b) {
+      double d = 0.0;
+      for (int64_t l = 0; l < L; ++l) d += static_cast<double>(acc[a][b][l]);
+      for (int64_t t = c; t < n; ++t) d += static_cast<double>(xi[a][t]) * static_cast<double>(xj[b][t]);
+      G[(i0 + a) * r + j0 + b] = d;
+      G[(j0 + b) * r + i0 + a] = d;
+    }
+  }
 }
 
-bool near_identity(const std::vector<double>& G, int64_t r) {
+template <int TI>
+void gram_tile_cols(int tj, const float* X, int64_t n, int64_t i0, int64_t j0, double* G, int64_t r) {
+  static_assert(kGramCols == 4, "one case per column count");
+  switch (tj) {
+    case 4: return gram_tile<TI, 4>(X, n, i0, j0, G, r);
+    case 3: return gram_tile<TI, 3>(X, n, i0, j0, G, r);
+    case 2: return gram_tile<TI, 2>(X, n, i0, j0, G, r);
+    default: return gram_tile<TI, 1>(X, n, i0, j0, G, r);
+  }
+}
+
+// G ← X·Xᵀ (r×r, fp64, both triangles) for X (r×n, row-major, fp32): the tiles of the lower triangle
+// (a tile across the diagonal computes its few upper entries too: the same values).
+void gram(const float* X, int64_t r, int64_t n, std::vector<double>& G) {
+  for (int64_t i0 = 0; i0 < r; i0 += kGramRows) {
+    const int ti = static_cast<int>(std::min<int64_t>(kGramRows, r - i0));
+    for (int64_t j0 = 0; j0 < i0 + ti; j0 += kGramCols) {
+      const int tj = static_cast<int>(std::min<int64_t>({kGramCols, r - j0, i0 + ti - j0}));
+      switch (ti) {
+        case 4: gram_tile_cols<4>(tj, X, n, i0, j0, G.data(), r); break;
+        case 3: gram_tile_cols<3>(tj, X, n, i0, j0, G.data(), r); break;
+        case 2: gram_tile_cols<2>(tj, X, n, i0, j0, G.data(), r); break;
+        default: gram_tile_cols<1>(tj, X, n, i0, j0, G.data(), r); break;
+      }
+    }
+  }
+}
+
+// dst ← Linv·src (row-major r×n, fp32; Linv r×r lower triangular in fp32, its upper part zero). Per
+// block of kColumnVectors vectors of columns, four output rows at a time share each load of a source
+// row: 4·kColumnVectors independent FMA chains; the zeros above the diagonal of a 4-row group are
+// multiplied in (exact: src is finite), so the row groups need no triangular bounds inside.
+void apply_inverse(const float* __restrict__ Linv, const float* __restrict__ src, float* __restrict__ dst,
+                   int64_t r, int64_t n) {
+  using vec = Native<float>::type;
+  constexpr int64_t L = Native<float>::lanes;
+  constexpr int64_t CV = kColumnVectors;
+  constexpr int64_t RG = 4;
+  int64_t c = 0;
+  for (; c + CV * L <= n; c += CV * L) {
+    for (int64_t i0 = 0; i0 < r; i0 += RG) {
+      const int64_t rows = std::min<int64_t>(RG, r - i0);
+      vec acc[RG][CV] = {};
+      for (int64_t k = 0; k < i0 + rows; ++k) {
+        vec s[CV];
+        for (int64_t v = 0; v < CV; ++v) s[v] = load<vec>(src + k * n + c + v * L);
+        for (int64_t a = 0; a < RG; ++a) {
+          const float l = a < rows ? Linv[(i0 + a) * r + k] : 0.f;
+          for (int64_t v = 0; v < CV; ++v) acc[a][v] += l * s[v];
+        }
+      }
+      for (int64_t a = 0; a < rows; ++a)
+        for (int64_t v = 0; v < CV; ++v) std::memcpy(dst + (i0 + a) * n + c + v * L, &acc[a][v], sizeof(vec));
+    }
+  }
+  for (; c < n; ++c) {  // tail columns, one at a time, the same order over k
+    for (int64_t i = 0; i < r; ++i) {
+      float sum = 0.f;
+      for (int64_t k = 0; k <= i; ++k) sum += Linv[i * r + k] * src[k * n + c];
+      dst[i * n + c] = sum;
+    }
+  }
+}
+
+bool near_identity(const std::vector<double>& G, int64_t r, double tol) {
   for (int64_t j = 0; j < r; ++j) {
     for (int64_t k = 0; k < r; ++k) {
-      if (!(std::abs(G[j * r + k] - (j == k ? 1.0 : 0.0)) <= kOrthoTol)) return false;  // NaN fails too
+      if (!(std::abs(G[j * r + k] - (j == k ? 1.0 : 0.0)) <= tol)) return false;  // NaN fails too
     }
   }
   return true;
@@ -135,37 +238,63 @@ double diag_min(const scalar_t* X, const scalar_t* A, int64_t r, int64_t n) {
 // cond ≈ 1–10) is done after one pass and three GEMMs; cond up to ~u^(-1/2)
 // takes the second pass (CholeskyQR2), five GEMMs. False if it needs the stable
 // path. All buffers are the calling thread's.
-bool cholesky_qr(const Tensor& A, Tensor src, Tensor& X, Tensor& tmp, Tensor& small, std::vector<double>& G,
-                 std::vector<double>& Linv, double accept_tol) {
-  const int64_t r = X.size(0), n = X.size(1);
-  gram(src, small, G);
+bool cholesky_qr(const Tensor& A, const float* src, float* X, float* tmp, std::vector<double>& G,
+                 std::vector<double>& Linv, std::vector<float>& Lf, double accept_tol) {
+  const int64_t r = A.size(0), n = A.size(1);
+  gram(src, r, n, G);
   double row_norm2 = 0.0;  // max_j ‖a_j‖², the scale of the acceptance floor
   for (int64_t j = 0; j < r; ++j) row_norm2 = std::max(row_norm2, G[j * r + j]);
   for (int pass = 0;; ++pass) {
     if (!cholesky_inplace(G.data(), r)) return false;
     invert_lower(G.data(), Linv.data(), r);
-    small.copy_(at::from_blob(Linv.data(), {r, r}, at::kDouble));
-    Tensor& dst = pass == 0 ? X : tmp;
-    at::mm_out(dst, small, src);
-    if (pass == 1) X.copy_(tmp);
-    gram(X, small, G);
-    if (near_identity(G, r)) break;
+    std::copy(Linv.begin(), Linv.end(), Lf.begin());
+    apply_inverse(Lf.data(), src, pass == 0 ? X : tmp, r, n);
+    if (pass == 1) std::copy(tmp, tmp + r * n, X);
+    gram(X, r, n, G);
+    // A first pass is final only when it is orthonormal to fp32 rounding (√n·u: the Gram's own error, and
+    // what a second pass would reach): a pass-1 result at 1e-5 spans A's rows only to ~1e-5·‖A‖, far
+    // above rounding when n is small. The second pass is accepted at the contract's kOrthoTol.
+    if (near_identity(G, r, pass == 0 ? std::min(kOrthoTol, std::sqrt(static_cast<double>(n)) * kEpsF32) : kOrthoTol))
+      break;
     if (pass == 1) return false;
     src = X;
   }
   // diag(R) = diag(Q·Aᵀ), accurate to ~u·‖A‖ (the Gram squares the condition
   // number and cannot resolve it): all of it must be clearly positive, else the
   // matrix is numerically rank-deficient, or its signs (or directions) are noise.
-  if (A.scalar_type() != X.scalar_type() || !A.is_contiguous()) {
-    tmp.copy_(A);  // the compute-dtype copy (pass 2 may have overwritten it)
+  const bool direct = A.scalar_type() == at::kFloat && A.is_contiguous();
+  if (!direct) {  // the fp32 copy (pass 2 may have overwritten it)
+    at::from_blob(tmp, {r, n}, at::TensorOptions().dtype(at::kFloat)).copy_(A);
   }
-  const Tensor& a = A.scalar_type() == X.scalar_type() && A.is_contiguous() ? A : tmp;
-  double lo = 0.0;
-  AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "orthonormalize_rows_diag", [&] {
-    lo = diag_min(X.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), r, n);
-  });
-  return lo > accept_tol * std::sqrt(row_norm2);  // NaN fails too
+  return diag_min(X, direct ? A.const_data_ptr<float>() : tmp, r, n) > accept_tol * std::sqrt(row_norm2);
 }
+
+// The fast path's buffers of one thread (its compute dtype is fp32 for every input it takes: fp32, bf16,
+// fp16): the r×r factorization in fp64 and L⁻¹ in fp32, two r×n matrices (the result; A's conversion or
+// pass 2's result), reallocated when the shape changes.
+struct Scratch {
+  std::vector<double> G, Linv;
+  std::vector<float> Lf;
+  aligned_vector<float> X, tmp;
+  int64_t r = -1, n = -1;
+
+  void fit(int64_t r_, int64_t n_) {
+    if (r_ == r && n_ == n) return;
+    r = r_, n = n_;
+    G.assign(r * r, 0.0), Linv.assign(r * r, 0.0), Lf.assign(r * r, 0.f);
+    X.assign(r * n, 0.f), tmp.assign(r * n, 0.f);
+  }
+
+  // One matrix into `out` (r×n fp32; s.X when null): A read in place when it is contiguous fp32,
+  // else converted into tmp first. False if it needs the stable path.
+  bool orthonormalize(const Tensor& A, float* out, double accept_tol) {
+    fit(A.size(0), A.size(1));
+    const bool direct = A.scalar_type() == at::kFloat && A.is_contiguous();
+    if (!direct) at::from_blob(tmp.data(), A.sizes(), at::TensorOptions().dtype(at::kFloat)).copy_(A);
+    return cholesky_qr(A, direct ? A.const_data_ptr<float>() : tmp.data(), out ? out : X.data(), tmp.data(), G,
+                       Linv, Lf, accept_tol);
+  }
+};
 
 // The stable path for one (r, n) matrix of any dtype: (sign-fixed Qᵀ in fp64,
 // rank-deficient: |R_jj| ≤ rank_tol·max|R| for some j). Householder QR of Aᵀ in
@@ -202,12 +331,12 @@ std::pair<Tensor, bool> stable_rows(const Tensor& A, double rank_tol) {
 
 // Numerical rank at the precision we compute in (numpy's matrix_rank rule).
 double rank_tol_of(at::ScalarType acc, int64_t n) {
-  return static_cast<double>(n) * (acc == at::kDouble ? 2.220446049250313e-16 : 1.1920928955078125e-7);
+  return static_cast<double>(n) * (acc == at::kDouble ? 2.220446049250313e-16 : kEpsF32);
 }
 
 // The fast path's acceptance floor (see the top): max(n·eps, √eps) of the compute dtype.
 double accept_tol_of(at::ScalarType acc, int64_t n) {
-  return std::max(rank_tol_of(acc, n), std::sqrt(acc == at::kDouble ? 2.220446049250313e-16 : 1.1920928955078125e-7));
+  return std::max(rank_tol_of(acc, n), std::sqrt(acc == at::kDouble ? 2.220446049250313e-16 : kEpsF32));
 }
 
 // True when no element of p[0:n] is NaN or ±Inf.
@@ -267,20 +396,14 @@ std::tuple<Tensor, Tensor> orthonormalize_rows_cpu(const Tensor& A) {
   }
   const double rank_tol = rank_tol_of(acc, n), accept_tol = accept_tol_of(acc, n);
   std::vector<uint8_t> ok(b, 0);
-  if (acc != at::kDouble) {  // fp64: the stable path only (see the top)
+  if (acc != at::kDouble) {  // fp64: the stable path only (see the top); else fp32 (see Scratch)
     at::parallel_for(0, b, 1, [&](int64_t i0, int64_t i1) {
       at::AutoDispatchBelowADInplaceOrView below_autograd_here;  // the workers' own thread-local state
-      std::vector<double> G(r * r), Linv(r * r);
-      Tensor tmp = at::empty({r, n}, Q.options()), small = at::empty({r, r}, Q.options());
+      Scratch s;
+      // Pass 1 writes its result into this matrix's slot of the output: the
+      // thread that works on a matrix first-touches its memory.
       for (int64_t i = i0; i < i1; ++i) {
-        // Pass 1 reads A directly when it is in the compute dtype, else a
-        // conversion in `tmp`, and writes its result into this matrix's slot of
-        // the output: the thread that works on a matrix first-touches its memory.
-        const Tensor Ai = A_c.select(0, i);
-        Tensor X = Q.select(0, i);
-        const bool direct = Ai.scalar_type() == acc;
-        if (!direct) tmp.copy_(Ai);
-        ok[i] = cholesky_qr(Ai, direct ? Ai : tmp, X, tmp, small, G, Linv, accept_tol);
+        ok[i] = s.orthonormalize(A_c.select(0, i), Q.data_ptr<float>() + i * r * n, accept_tol);
       }
     });
   }
@@ -316,26 +439,23 @@ Tensor orthonormalize_rows_inplace_cpu(at::TensorList As) {
   std::vector<uint8_t> ok(k, 0);
   at::parallel_for(0, k, 1, [&](int64_t i0, int64_t i1) {
     at::AutoDispatchBelowADInplaceOrView below_autograd_here;  // the workers' own thread-local state
-    std::vector<double> G, Linv;
-    Tensor X, tmp, small;  // the thread's buffers, reallocated when the shape or dtype changes
+    Scratch s;
     for (int64_t i = i0; i < i1; ++i) {
       const Tensor& M = As[i];
-      const int64_t r = M.size(0), n = M.size(1);
       if (M.numel() == 0) {
         ok[i] = 1;
         continue;
       }
-      const auto acc = at::promote_types(M.scalar_type(), at::kFloat);
-      if (acc == at::kDouble) continue;  // fp64: the stable path only (see the top)
-      if (!X.defined() || X.size(0) != r || X.size(1) != n || X.scalar_type() != acc) {
-        const auto opts = M.options().dtype(acc);
-        X = at::empty({r, n}, opts), tmp = at::empty({r, n}, opts), small = at::empty({r, r}, opts);
-        G.assign(r * r, 0.0), Linv.assign(r * r, 0.0);
+      if (at::promote_types(M.scalar_type(), at::kFloat) == at::kDouble) continue;  // the stable path only
+      // built in the thread's buffer from the intact original (which the rank check and the stable path
+      // still need), written over it on success
+      ok[i] = s.orthonormalize(M, nullptr, accept_tol_of(at::kFloat, M.size(1)));
+      if (!ok[i]) continue;
+      if (M.scalar_type() == at::kFloat) {
+        std::copy(s.X.begin(), s.X.end(), M.data_ptr<float>());
+      } else {  // rounded to M's dtype
+        M.copy_(at::from_blob(s.X.data(), M.sizes(), at::TensorOptions().dtype(at::kFloat)));
       }
-      const bool direct = M.scalar_type() == acc;
-      if (!direct) tmp.copy_(M);
-      ok[i] = cholesky_qr(M, direct ? M : tmp, X, tmp, small, G, Linv, accept_tol_of(acc, n));
-      if (ok[i]) M.copy_(X);
     }
   });
   Tensor deficient = at::zeros({k}, at::TensorOptions().dtype(at::kBool));
