@@ -104,62 +104,105 @@ void invert_lower(const double* L, double* Linv, int64_t r) {
 constexpr int kGramRows = kNativeBytes == 64 ? 4 : 2;
 constexpr int kGramCols = 4;
 
-// G[i, j] and G[j, i] = ⟨x_i, x_j⟩ for i0 ≤ i < i0 + TI, j0 ≤ j < j0 + TJ (X: rows of n). The lanes are
-// summed in fp64, the tail columns added in fp64: a fixed order.
+using fvec = Native<float>::type;
+constexpr int64_t kFloatLanes = Native<float>::lanes;
+
+// acc_tile[a·ld + b] += the lane products of rows i0 + a and j0 + b over columns [c0, c1) (a whole number
+// of vectors), a < TI, b < TJ: the tile's accumulators, in memory between column blocks, loaded once and
+// stored once per call.
 template <int TI, int TJ>
-void gram_tile(const float* __restrict__ X, int64_t n, int64_t i0, int64_t j0, double* __restrict__ G, int64_t r) {
-  using vec = Native<float>::type;
-  constexpr int64_t L = Native<float>::lanes;
-  vec acc[TI][TJ] = {};
+void gram_tile(const float* __restrict__ X, int64_t n, int64_t i0, int64_t j0, int64_t c0, int64_t c1,
+               fvec* __restrict__ acc_tile, int64_t ld) {
+  constexpr int64_t L = kFloatLanes;
+  fvec acc[TI][TJ];
   const float* xi[TI];
   const float* xj[TJ];
   for (int a = 0; a < TI; ++a) xi[a] = X + (i0 + a) * n;
   for (int b = 0; b < TJ; ++b) xj[b] = X + (j0 + b) * n;
-  int64_t c = 0;
-  for (; c + L <= n; c += L) {
-    vec vi[TI], vj[TJ];
-    for (int a = 0; a < TI; ++a) vi[a] = load<vec>(xi[a] + c);
-    for (int b = 0; b < TJ; ++b) vj[b] = load<vec>(xj[b] + c);
+  for (int a = 0; a < TI; ++a)
+    for (int b = 0; b < TJ; ++b) acc[a][b] = acc_tile[a * ld + b];
+  for (int64_t c = c0; c < c1; c += L) {
+    fvec vi[TI], vj[TJ];
+    for (int a = 0; a < TI; ++a) vi[a] = load<fvec>(xi[a] + c);
+    for (int b = 0; b < TJ; ++b) vj[b] = load<fvec>(xj[b] + c);
     for (int a = 0; a < TI; ++a)
       for (int b = 0; b < TJ; ++b) acc[a][b] += vi[a] * vj[b];
   }
-  for (int a = 0; a < TI; ++a) {
-    for (int b = 0; b < TJ; ++b) {
-      double d = 0.0;
-      for (int64_t l = 0; l < L; ++l) d += static_cast<double>(acc[a][b][l]);
-      for (int64_t t = c; t < n; ++t) d += static_cast<double>(xi[a][t]) * static_cast<double>(xj[b][t]);
-      G[(i0 + a) * r + j0 + b] = d;
-      G[(j0 + b) * r + i0 + a] = d;
-    }
-  }
+  for (int a = 0; a < TI; ++a)
+    for (int b = 0; b < TJ; ++b) acc_tile[a * ld + b] = acc[a][b];
 }
 
 template <int TI>
-void gram_tile_cols(int tj, const float* X, int64_t n, int64_t i0, int64_t j0, double* G, int64_t r) {
+void gram_tile_cols(int tj, const float* X, int64_t n, int64_t i0, int64_t j0, int64_t c0, int64_t c1,
+                    fvec* acc, int64_t ld) {
   static_assert(kGramCols == 4, "one case per column count");
   switch (tj) {
-    case 4: return gram_tile<TI, 4>(X, n, i0, j0, G, r);
-    case 3: return gram_tile<TI, 3>(X, n, i0, j0, G, r);
-    case 2: return gram_tile<TI, 2>(X, n, i0, j0, G, r);
-    default: return gram_tile<TI, 1>(X, n, i0, j0, G, r);
+    case 4: return gram_tile<TI, 4>(X, n, i0, j0, c0, c1, acc, ld);
+    case 3: return gram_tile<TI, 3>(X, n, i0, j0, c0, c1, acc, ld);
+    case 2: return gram_tile<TI, 2>(X, n, i0, j0, c0, c1, acc, ld);
+    default: return gram_tile<TI, 1>(X, n, i0, j0, c0, c1, acc, ld);
   }
 }
 
-// G ← X·Xᵀ (r×r, fp64, both triangles) for X (r×n, row-major, fp32): the tiles of the lower triangle
-// (a tile across the diagonal computes its few upper entries too: the same values).
-void gram(const float* X, int64_t r, int64_t n, std::vector<double>& G) {
-  for (int64_t i0 = 0; i0 < r; i0 += kGramRows) {
-    const int ti = static_cast<int>(std::min<int64_t>(kGramRows, r - i0));
-    for (int64_t j0 = 0; j0 < i0 + ti; j0 += kGramCols) {
-      const int tj = static_cast<int>(std::min<int64_t>({kGramCols, r - j0, i0 + ti - j0}));
-      switch (ti) {
-        case 4: gram_tile_cols<4>(tj, X, n, i0, j0, G.data(), r); break;
-        case 3: gram_tile_cols<3>(tj, X, n, i0, j0, G.data(), r); break;
-        case 2: gram_tile_cols<2>(tj, X, n, i0, j0, G.data(), r); break;
-        default: gram_tile_cols<1>(tj, X, n, i0, j0, G.data(), r); break;
-      }
-    }
+void gram_tile_any(int ti, int tj, const float* X, int64_t n, int64_t i0, int64_t j0, int64_t c0, int64_t c1,
+                   fvec* acc, int64_t ld) {
+  static_assert(kGramRows <= 4, "one case per row count");
+  switch (ti) {
+    case 4: return gram_tile_cols<4>(tj, X, n, i0, j0, c0, c1, acc, ld);
+    case 3: return gram_tile_cols<3>(tj, X, n, i0, j0, c0, c1, acc, ld);
+    case 2: return gram_tile_cols<2>(tj, X, n, i0, j0, c0, c1, acc, ld);
+    default: return gram_tile_cols<1>(tj, X, n, i0, j0, c0, c1, acc, ld);
   }
+}
+
+// Σ of an accumulator's lanes in fp64 plus the tail columns [body, n) of rows i and j in fp64.
+double finish_dot(const fvec& acc, const float* X, int64_t n, int64_t body, int64_t i, int64_t j) {
+  double d = 0.0;
+  for (int64_t l = 0; l < kFloatLanes; ++l) d += static_cast<double>(acc[l]);
+  for (int64_t t = body; t < n; ++t) d += static_cast<double>(X[i * n + t]) * static_cast<double>(X[j * n + t]);
+  return d;
+}
+
+// Ranks up to this keep all the Gram's accumulators (r·r vectors, 256 KB at 64) between column blocks.
+constexpr int64_t kBlockedGramRank = 64;
+
+// G ← X·Xᵀ (r×r, fp64, both triangles) for X (r×n, row-major, fp32), over the tiles of the lower triangle
+// (a tile across the diagonal computes its few upper entries too: the same values). Up to
+// kBlockedGramRank, column blocks of ~16 KB of X (all r rows) stay in L1 while every tile takes its share
+// of them, so X is read from L2 or memory once, not once per tile; above it each tile runs over all the
+// columns at once. Each entry either way: fp32 lanes over the columns in order, the lanes summed in fp64,
+// then the tail columns in fp64, a fixed order. `acc_buf`: the caller's buffer for the accumulators.
+void gram(const float* X, int64_t r, int64_t n, aligned_vector<float>& acc_buf, std::vector<double>& G) {
+  constexpr int64_t L = kFloatLanes;
+  const int64_t body = n / L * L;
+  const auto tiles = [&](const auto& each) {  // each(i0, j0, ti, tj) over the lower triangle's tiles
+    for (int64_t i0 = 0; i0 < r; i0 += kGramRows) {
+      const int ti = static_cast<int>(std::min<int64_t>(kGramRows, r - i0));
+      for (int64_t j0 = 0; j0 < i0 + ti; j0 += kGramCols)
+        each(i0, j0, ti, static_cast<int>(std::min<int64_t>({kGramCols, r - j0, i0 + ti - j0})));
+    }
+  };
+  if (r <= kBlockedGramRank) {
+    acc_buf.assign(r * r * L, 0.f);
+    fvec* acc = reinterpret_cast<fvec*>(acc_buf.data());
+    const int64_t block = std::clamp<int64_t>(4096 / r / L * L, L, 1024);
+    for (int64_t c0 = 0; c0 < body; c0 += block) {
+      const int64_t c1 = std::min(body, c0 + block);
+      tiles([&](int64_t i0, int64_t j0, int ti, int tj) { gram_tile_any(ti, tj, X, n, i0, j0, c0, c1, acc + i0 * r + j0, r); });
+    }
+    for (int64_t i = 0; i < r; ++i)
+      for (int64_t j = 0; j <= i; ++j) G[i * r + j] = G[j * r + i] = finish_dot(acc[i * r + j], X, n, body, i, j);
+    return;
+  }
+  acc_buf.assign(kGramRows * kGramCols * L, 0.f);
+  fvec* acc = reinterpret_cast<fvec*>(acc_buf.data());
+  tiles([&](int64_t i0, int64_t j0, int ti, int tj) {
+    std::fill(acc_buf.begin(), acc_buf.end(), 0.f);
+    gram_tile_any(ti, tj, X, n, i0, j0, 0, body, acc, kGramCols);
+    for (int a = 0; a < ti; ++a)
+      for (int b = 0; b < tj; ++b)
+        G[(i0 + a) * r + j0 + b] = G[(j0 + b) * r + i0 + a] = finish_dot(acc[a * kGramCols + b], X, n, body, i0 + a, j0 + b);
+  });
 }
 
 // dst ← Linv·src (row-major r×n, fp32; Linv r×r lower triangular in fp32, its upper part zero). Per
@@ -239,9 +282,9 @@ double diag_min(const scalar_t* X, const scalar_t* A, int64_t r, int64_t n) {
 // takes the second pass (CholeskyQR2), five GEMMs. False if it needs the stable
 // path. All buffers are the calling thread's.
 bool cholesky_qr(const Tensor& A, const float* src, float* X, float* tmp, std::vector<double>& G,
-                 std::vector<double>& Linv, std::vector<float>& Lf, double accept_tol) {
+                 std::vector<double>& Linv, std::vector<float>& Lf, aligned_vector<float>& acc, double accept_tol) {
   const int64_t r = A.size(0), n = A.size(1);
-  gram(src, r, n, G);
+  gram(src, r, n, acc, G);
   double row_norm2 = 0.0;  // max_j ‖a_j‖², the scale of the acceptance floor
   for (int64_t j = 0; j < r; ++j) row_norm2 = std::max(row_norm2, G[j * r + j]);
   for (int pass = 0;; ++pass) {
@@ -250,7 +293,7 @@ bool cholesky_qr(const Tensor& A, const float* src, float* X, float* tmp, std::v
     std::copy(Linv.begin(), Linv.end(), Lf.begin());
     apply_inverse(Lf.data(), src, pass == 0 ? X : tmp, r, n);
     if (pass == 1) std::copy(tmp, tmp + r * n, X);
-    gram(X, r, n, G);
+    gram(X, r, n, acc, G);
     // A first pass is final only when it is orthonormal to fp32 rounding (√n·u: the Gram's own error, and
     // what a second pass would reach): a pass-1 result at 1e-5 spans A's rows only to ~1e-5·‖A‖, far
     // above rounding when n is small. The second pass is accepted at the contract's kOrthoTol.
@@ -275,7 +318,7 @@ bool cholesky_qr(const Tensor& A, const float* src, float* X, float* tmp, std::v
 struct Scratch {
   std::vector<double> G, Linv;
   std::vector<float> Lf;
-  aligned_vector<float> X, tmp;
+  aligned_vector<float> X, tmp, acc;  // acc: the Gram's r·r vector accumulators
   int64_t r = -1, n = -1;
 
   void fit(int64_t r_, int64_t n_) {
@@ -292,7 +335,7 @@ struct Scratch {
     const bool direct = A.scalar_type() == at::kFloat && A.is_contiguous();
     if (!direct) at::from_blob(tmp.data(), A.sizes(), at::TensorOptions().dtype(at::kFloat)).copy_(A);
     return cholesky_qr(A, direct ? A.const_data_ptr<float>() : tmp.data(), out ? out : X.data(), tmp.data(), G,
-                       Linv, Lf, accept_tol);
+                       Linv, Lf, acc, accept_tol);
   }
 };
 
