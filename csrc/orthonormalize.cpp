@@ -4,7 +4,8 @@
 //
 // Fast path, CholeskyQR(2): G = X·Xᵀ (r×r), L = chol(G), X ← L⁻¹·X, repeated
 // once more unless the Gram matrix of the result is I to fp32 rounding
-// (√n·eps; that Gram doubles as the next pass's input, see cholesky_qr). Since
+// (min(kOrthoTol, √n·eps): √n·eps up to n ≈ 7000; that Gram doubles as the next
+// pass's input, see cholesky_qr). Since
 // Aᵀ = QR gives A·Aᵀ = RᵀR, L = Rᵀ has a positive diagonal, so the result is
 // already the sign-fixed factor (R = R₂R₁ keeps a positive diagonal).
 // Each matrix is done whole by one thread, in its slot of the output and one
@@ -97,7 +98,7 @@ void invert_lower(const double* L, double* Linv, int64_t r) {
 // At r = 16, n = 4096 BLAS runs X·Xᵀ (N = M = r) at ~40 GFLOP/s and L⁻¹·X (K = r) at ~75 on this
 // project's Xeon VM, one core: 54 µs and 28 µs for 2 MFLOP each, most of the whole op. Both are streams
 // over X's rows with an r-sized side that fits in registers, like the rank-r products of lora_linear
-// (rank_tile.h, whose vector types and lane sums these share).
+// (rank_tile.h, whose vector types and loads these share).
 
 // A Gram tile: TI rows × TJ rows of accumulators (TI·TJ independent FMA chains, TI + TJ loads per TI·TJ
 // FMAs); 4×4 takes 24 of AVX-512's 32 vector registers, 2×4 14 of AVX2's 16.
@@ -163,8 +164,13 @@ double finish_dot(const fvec& acc, const float* X, int64_t n, int64_t body, int6
   return d;
 }
 
-// Ranks up to this keep all the Gram's accumulators (r·r vectors, 256 KB at 64) between column blocks.
-constexpr int64_t kBlockedGramRank = 64;
+// Ranks up to this keep all the Gram's accumulators (r·r vectors, 64 KB at 32) between column blocks.
+// Measured at n = 4096 on the Xeon VM: at r = 48–64 a column block is down to 3–5 vectors, and loading
+// and storing 16 accumulators from L2 per tile and block cost more than the per-tile sweep (r = 64: 17–18
+// ms against 9–13 ms for 8 matrices); at r = 16 the blocks are a few percent faster (85 against 88–90 µs
+// per matrix, one thread). Where the two cross between 16 and 48 was not measured. Either order gives
+// the same bits.
+constexpr int64_t kBlockedGramRank = 32;
 
 // G ← X·Xᵀ (r×r, fp64, both triangles) for X (r×n, row-major, fp32), over the tiles of the lower triangle
 // (a tile across the diagonal computes its few upper entries too: the same values). Up to
@@ -208,7 +214,8 @@ void gram(const float* X, int64_t r, int64_t n, aligned_vector<float>& acc_buf, 
 // dst ← Linv·src (row-major r×n, fp32; Linv r×r lower triangular in fp32, its upper part zero). Per
 // block of kColumnVectors vectors of columns, four output rows at a time share each load of a source
 // row: 4·kColumnVectors independent FMA chains; the zeros above the diagonal of a 4-row group are
-// multiplied in (exact: src is finite), so the row groups need no triangular bounds inside.
+// multiplied in (exact while src is finite: A is checked before anything runs, and a pass-1 result with
+// an overflow fails the Gram check after it), so the row groups need no triangular bounds inside.
 void apply_inverse(const float* __restrict__ Linv, const float* __restrict__ src, float* __restrict__ dst,
                    int64_t r, int64_t n) {
   using vec = Native<float>::type;
@@ -276,11 +283,12 @@ double diag_min(const scalar_t* X, const scalar_t* A, int64_t r, int64_t n) {
 
 // One matrix into X: CholeskyQR passes from A (`src`, in the compute dtype:
 // A itself or its conversion in `tmp`) until the Gram matrix of the result is
-// I to kOrthoTol. That Gram is at once the check of this pass and the input of
-// the next, so a well-conditioned A (a random or a fine-tuned LoRA A:
-// cond ≈ 1–10) is done after one pass and three GEMMs; cond up to ~u^(-1/2)
-// takes the second pass (CholeskyQR2), five GEMMs. False if it needs the stable
-// path. All buffers are the calling thread's.
+// I to min(kOrthoTol, √n·eps) after the first pass, to kOrthoTol after the
+// second. That Gram is at once the check of this pass and the input of the
+// next, so a well-conditioned A (a random or a fine-tuned LoRA A: cond ≈ 1–10)
+// is done after one pass: two Grams and one apply_inverse; cond up to
+// ~eps^(-1/2) takes the second pass (CholeskyQR2): three Grams, two applies.
+// False if it needs the stable path. All buffers are the calling thread's.
 bool cholesky_qr(const Tensor& A, const float* src, float* X, float* tmp, std::vector<double>& G,
                  std::vector<double>& Linv, std::vector<float>& Lf, aligned_vector<float>& acc, double accept_tol) {
   const int64_t r = A.size(0), n = A.size(1);
@@ -294,7 +302,7 @@ bool cholesky_qr(const Tensor& A, const float* src, float* X, float* tmp, std::v
     apply_inverse(Lf.data(), src, pass == 0 ? X : tmp, r, n);
     if (pass == 1) std::copy(tmp, tmp + r * n, X);
     gram(X, r, n, acc, G);
-    // A first pass is final only when it is orthonormal to fp32 rounding (√n·u: the Gram's own error, and
+    // A first pass is final only when it is orthonormal to fp32 rounding (√n·eps: the Gram's own error, and
     // what a second pass would reach): a pass-1 result at 1e-5 spans A's rows only to ~1e-5·‖A‖, far
     // above rounding when n is small. The second pass is accepted at the contract's kOrthoTol.
     if (near_identity(G, r, pass == 0 ? std::min(kOrthoTol, std::sqrt(static_cast<double>(n)) * kEpsF32) : kOrthoTol))
@@ -325,17 +333,21 @@ struct Scratch {
     if (r_ == r && n_ == n) return;
     r = r_, n = n_;
     G.assign(r * r, 0.0), Linv.assign(r * r, 0.0), Lf.assign(r * r, 0.f);
-    X.assign(r * n, 0.f), tmp.assign(r * n, 0.f);
+    tmp.assign(r * n, 0.f);
   }
 
-  // One matrix into `out` (r×n fp32; s.X when null): A read in place when it is contiguous fp32,
-  // else converted into tmp first. False if it needs the stable path.
+  // One matrix into `out` (r×n fp32; when null, into X, allocated on first use): A read in place when it
+  // is contiguous fp32, else converted into tmp first. False if it needs the stable path.
   bool orthonormalize(const Tensor& A, float* out, double accept_tol) {
     fit(A.size(0), A.size(1));
+    if (!out) {
+      X.resize(r * n);
+      out = X.data();
+    }
     const bool direct = A.scalar_type() == at::kFloat && A.is_contiguous();
     if (!direct) at::from_blob(tmp.data(), A.sizes(), at::TensorOptions().dtype(at::kFloat)).copy_(A);
-    return cholesky_qr(A, direct ? A.const_data_ptr<float>() : tmp.data(), out ? out : X.data(), tmp.data(), G,
-                       Linv, Lf, acc, accept_tol);
+    return cholesky_qr(A, direct ? A.const_data_ptr<float>() : tmp.data(), out, tmp.data(), G, Linv, Lf, acc,
+                       accept_tol);
   }
 };
 
@@ -424,7 +436,7 @@ std::tuple<Tensor, Tensor> orthonormalize_rows_cpu(const Tensor& A) {
   TORCH_CHECK_VALUE(A.dim() == 3, "orthonormalize_rows: expected A of shape (batch, r, n), got ", A.sizes());
   const int64_t b = A.size(0), r = A.size(1), n = A.size(2);
   TORCH_CHECK_VALUE(r <= n, "orthonormalize_rows: rows must not outnumber columns (r=", r, ", n=", n, ")");
-  at::AutoDispatchBelowADInplaceOrView below_autograd;  // internal GEMMs: A may require grad
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // internal copies and QR: A may require grad
   const auto acc = at::promote_types(A.scalar_type(), at::kFloat);
   const Tensor A_c = A.contiguous();
   Tensor Q = at::empty({b, r, n}, A.options().dtype(acc));

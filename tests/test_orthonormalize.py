@@ -25,7 +25,8 @@ def orthonormality_error(Q):
 
 
 @pytest.mark.parametrize("cond", [1.0, 1e1, 1e2, 1e3])
-# (64, 200) and (80, 300): the CPU Gram's two loop orders (column-blocked up to rank 64, per tile above)
+# (8, 70) and (16, 512), (64, 200) and (80, 300): the CPU Gram's two loop orders (column-blocked up to rank 32,
+# per tile above)
 @pytest.mark.parametrize("r,n", [(1, 70), (8, 70), (16, 512), (64, 200), (80, 300)])
 def test_matches_fp64_householder_up_to_cond_1e3(cond, r, n):
     """‖Q − Q_ref‖ (max entry) ≤ 1e-5 for cond ≤ 1e3: fp32 arithmetic gives ~cond·2^-24 ≈ 6e-5 in the
