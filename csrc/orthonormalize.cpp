@@ -34,7 +34,8 @@
 // orthonormal to ~u·cond² after one pass, Householder's to ~u.
 //
 // Non-finite input is refused (ValueError naming the matrix) by a read-only
-// pass over all matrices before anything is computed or written.
+// pass over all matrices before anything is written (check_and_first_grams,
+// which computes the fp32 matrices' first Gram on the way).
 // The work runs below autograd on every thread (at::parallel_for's workers do
 // not inherit the caller's dispatch state): A may be an nn.Parameter.
 //
@@ -288,11 +289,13 @@ double diag_min(const scalar_t* X, const scalar_t* A, int64_t r, int64_t n) {
 // next, so a well-conditioned A (a random or a fine-tuned LoRA A: cond ≈ 1–10)
 // is done after one pass: two Grams and one apply_inverse; cond up to
 // ~eps^(-1/2) takes the second pass (CholeskyQR2): three Grams, two applies.
-// False if it needs the stable path. All buffers are the calling thread's.
+// On entry G holds src's Gram, and `tmp_holds_a` says whether tmp holds A's
+// fp32 conversion (src is then tmp). False if it needs the stable path. All
+// buffers are the calling thread's.
 bool cholesky_qr(const Tensor& A, const float* src, float* X, float* tmp, std::vector<double>& G,
-                 std::vector<double>& Linv, std::vector<float>& Lf, aligned_vector<float>& acc, double accept_tol) {
+                 std::vector<double>& Linv, std::vector<float>& Lf, aligned_vector<float>& acc, double accept_tol,
+                 bool tmp_holds_a) {
   const int64_t r = A.size(0), n = A.size(1);
-  gram(src, r, n, acc, G);
   double row_norm2 = 0.0;  // max_j ‖a_j‖², the scale of the acceptance floor
   for (int64_t j = 0; j < r; ++j) row_norm2 = std::max(row_norm2, G[j * r + j]);
   for (int pass = 0;; ++pass) {
@@ -300,7 +303,10 @@ bool cholesky_qr(const Tensor& A, const float* src, float* X, float* tmp, std::v
     invert_lower(G.data(), Linv.data(), r);
     std::copy(Linv.begin(), Linv.end(), Lf.begin());
     apply_inverse(Lf.data(), src, pass == 0 ? X : tmp, r, n);
-    if (pass == 1) std::copy(tmp, tmp + r * n, X);
+    if (pass == 1) {
+      std::copy(tmp, tmp + r * n, X);
+      tmp_holds_a = false;
+    }
     gram(X, r, n, acc, G);
     // A first pass is final only when it is orthonormal to fp32 rounding (√n·eps: the Gram's own error, and
     // what a second pass would reach): a pass-1 result at 1e-5 spans A's rows only to ~1e-5·‖A‖, far
@@ -314,7 +320,7 @@ bool cholesky_qr(const Tensor& A, const float* src, float* X, float* tmp, std::v
   // number and cannot resolve it): all of it must be clearly positive, else the
   // matrix is numerically rank-deficient, or its signs (or directions) are noise.
   const bool direct = A.scalar_type() == at::kFloat && A.is_contiguous();
-  if (!direct) {  // the fp32 copy (pass 2 may have overwritten it)
+  if (!direct && !tmp_holds_a) {  // the fp32 copy again: pass 2 overwrote it
     at::from_blob(tmp, {r, n}, at::TensorOptions().dtype(at::kFloat)).copy_(A);
   }
   return diag_min(X, direct ? A.const_data_ptr<float>() : tmp, r, n) > accept_tol * std::sqrt(row_norm2);
@@ -337,8 +343,9 @@ struct Scratch {
   }
 
   // One matrix into `out` (r×n fp32; when null, into X, allocated on first use): A read in place when it
-  // is contiguous fp32, else converted into tmp first. False if it needs the stable path.
-  bool orthonormalize(const Tensor& A, float* out, double accept_tol) {
+  // is contiguous fp32 (with its first Gram already computed, `first_gram`), else converted into tmp
+  // first. False if it needs the stable path.
+  bool orthonormalize(const Tensor& A, float* out, double accept_tol, const std::vector<double>& first_gram) {
     fit(A.size(0), A.size(1));
     if (!out) {
       X.resize(r * n);
@@ -346,8 +353,13 @@ struct Scratch {
     }
     const bool direct = A.scalar_type() == at::kFloat && A.is_contiguous();
     if (!direct) at::from_blob(tmp.data(), A.sizes(), at::TensorOptions().dtype(at::kFloat)).copy_(A);
+    if (direct && !first_gram.empty()) {
+      G = first_gram;
+    } else {
+      gram(direct ? A.const_data_ptr<float>() : tmp.data(), r, n, acc, G);
+    }
     return cholesky_qr(A, direct ? A.const_data_ptr<float>() : tmp.data(), out, tmp.data(), G, Linv, Lf, acc,
-                       accept_tol);
+                       accept_tol, !direct);
   }
 };
 
@@ -416,20 +428,47 @@ bool all_finite(const scalar_t* p, int64_t n) {
   }
 }
 
-// Index of the first matrix holding NaN or ±Inf, or -1 (every matrix contiguous).
-int64_t first_nonfinite(const std::vector<Tensor>& mats) {
+// The read-only pass over every matrix (each contiguous) before anything is written: whether it is
+// finite, and for the fp32 ones the fast path's first Gram A·Aᵀ, computed in the same pass, so that A is
+// read from memory twice in all (here and by L⁻¹·A), not three times. A finite diagonal of A·Aᵀ means a
+// finite A: an Inf or a NaN element makes its row's sum of squares Inf or NaN in IEEE arithmetic (the
+// build has no fast-math); a finite A whose Gram overflowed is told apart by the exact check (its
+// Cholesky then fails, and the stable path takes it).
+struct Checked {
+  std::vector<std::vector<double>> grams;  // per matrix: its first Gram (fp32 matrices), else empty
+  int64_t first_bad = -1;                  // index of the first matrix holding NaN or ±Inf
+};
+
+Checked check_and_first_grams(const std::vector<Tensor>& mats) {
   const int64_t k = static_cast<int64_t>(mats.size());
+  Checked c;
+  c.grams.resize(k);
   std::vector<uint8_t> finite(k, 1);
   at::parallel_for(0, k, 1, [&](int64_t i0, int64_t i1) {
+    aligned_vector<float> acc;
     for (int64_t i = i0; i < i1; ++i) {
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, mats[i].scalar_type(), "orthonormalize_rows_finite",
-                                      [&] { finite[i] = all_finite(mats[i].const_data_ptr<scalar_t>(), mats[i].numel()); });
+      const Tensor& M = mats[i];
+      if (M.scalar_type() == at::kFloat && M.numel() > 0) {
+        const int64_t r = M.size(0), n = M.size(1);
+        std::vector<double>& G = c.grams[i];
+        G.resize(r * r);
+        gram(M.const_data_ptr<float>(), r, n, acc, G);
+        bool diag_finite = true;
+        for (int64_t j = 0; j < r; ++j) diag_finite = diag_finite && std::isfinite(G[j * r + j]);
+        finite[i] = diag_finite || all_finite(M.const_data_ptr<float>(), M.numel());
+        continue;
+      }
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, M.scalar_type(), "orthonormalize_rows_finite",
+                                      [&] { finite[i] = all_finite(M.const_data_ptr<scalar_t>(), M.numel()); });
     }
   });
   for (int64_t i = 0; i < k; ++i) {
-    if (!finite[i]) return i;
+    if (!finite[i]) {
+      c.first_bad = i;
+      break;
+    }
   }
-  return -1;
+  return c;
 }
 
 std::tuple<Tensor, Tensor> orthonormalize_rows_cpu(const Tensor& A) {
@@ -442,13 +481,11 @@ std::tuple<Tensor, Tensor> orthonormalize_rows_cpu(const Tensor& A) {
   Tensor Q = at::empty({b, r, n}, A.options().dtype(acc));
   Tensor deficient = at::zeros({b}, A.options().dtype(at::kBool));
   if (Q.numel() == 0) return {Q.to(A.scalar_type()), deficient};
-  {
-    std::vector<Tensor> mats;
-    for (int64_t i = 0; i < b; ++i) mats.push_back(A_c.select(0, i));
-    const int64_t bad = first_nonfinite(mats);
-    TORCH_CHECK_VALUE(bad < 0, "orthonormalize_rows: A[", bad, "] holds NaN or Inf values; it has no orthonormal "
-                      "row basis");
-  }
+  std::vector<Tensor> mats;
+  for (int64_t i = 0; i < b; ++i) mats.push_back(A_c.select(0, i));
+  const Checked checked = check_and_first_grams(mats);
+  TORCH_CHECK_VALUE(checked.first_bad < 0, "orthonormalize_rows: A[", checked.first_bad, "] holds NaN or Inf "
+                    "values; it has no orthonormal row basis");
   const double rank_tol = rank_tol_of(acc, n), accept_tol = accept_tol_of(acc, n);
   std::vector<uint8_t> ok(b, 0);
   if (acc != at::kDouble) {  // fp64: the stable path only (see the top); else fp32 (see Scratch)
@@ -458,7 +495,7 @@ std::tuple<Tensor, Tensor> orthonormalize_rows_cpu(const Tensor& A) {
       // Pass 1 writes its result into this matrix's slot of the output: the
       // thread that works on a matrix first-touches its memory.
       for (int64_t i = i0; i < i1; ++i) {
-        ok[i] = s.orthonormalize(A_c.select(0, i), Q.data_ptr<float>() + i * r * n, accept_tol);
+        ok[i] = s.orthonormalize(mats[i], Q.data_ptr<float>() + i * r * n, accept_tol, checked.grams[i]);
       }
     });
   }
@@ -486,11 +523,9 @@ Tensor orthonormalize_rows_inplace_cpu(at::TensorList As) {
     TORCH_CHECK_VALUE(M.is_contiguous(), "orthonormalize_rows_: A[", i, "] must be contiguous");
   }
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // A may be nn.Parameters (written under no_grad)
-  {
-    const int64_t bad = first_nonfinite(As.vec());
-    TORCH_CHECK_VALUE(bad < 0, "orthonormalize_rows_: A[", bad, "] holds NaN or Inf values; it has no orthonormal "
-                      "row basis (nothing was written)");
-  }
+  const Checked checked = check_and_first_grams(As.vec());
+  TORCH_CHECK_VALUE(checked.first_bad < 0, "orthonormalize_rows_: A[", checked.first_bad, "] holds NaN or Inf "
+                    "values; it has no orthonormal row basis (nothing was written)");
   std::vector<uint8_t> ok(k, 0);
   at::parallel_for(0, k, 1, [&](int64_t i0, int64_t i1) {
     at::AutoDispatchBelowADInplaceOrView below_autograd_here;  // the workers' own thread-local state
@@ -504,7 +539,7 @@ Tensor orthonormalize_rows_inplace_cpu(at::TensorList As) {
       if (at::promote_types(M.scalar_type(), at::kFloat) == at::kDouble) continue;  // the stable path only
       // built in the thread's buffer from the intact original (which the rank check and the stable path
       // still need), written over it on success
-      ok[i] = s.orthonormalize(M, nullptr, accept_tol_of(at::kFloat, M.size(1)));
+      ok[i] = s.orthonormalize(M, nullptr, accept_tol_of(at::kFloat, M.size(1)), checked.grams[i]);
       if (!ok[i]) continue;
       if (M.scalar_type() == at::kFloat) {
         std::copy(s.X.begin(), s.X.end(), M.data_ptr<float>());

@@ -232,6 +232,25 @@ def test_non_finite_input_is_refused_naming_the_matrix(bad, dtype):
     torch.testing.assert_close(work[0], A[0], rtol=0, atol=0)
 
 
+def test_finite_input_whose_gram_overflows_is_not_refused():
+    """Entries near 1e25 are finite in fp32 but their squares are not: the CPU kernel's finiteness check,
+    which reads the fp32 matrices' first Gram diagonal, must tell that overflow from an Inf or NaN entry
+    (an exact check of that matrix), and the result comes from the fp64 path, orthonormal and sign-fixed."""
+    A = torch.randn(3, 4, 30, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    A[1] *= 1e25  # |a|² ≈ 1e50 > fp32 max (3.4e38)
+    A = A.float()
+    assert torch.isfinite(A).all() and not torch.isfinite(A[1].square().sum(1)).all()
+    work = [a.clone() for a in A]
+    Q = slao_kernels.orthonormalize_rows(A)
+    slao_kernels.orthonormalize_rows_(work)
+    Q_ref = orthonormalize_rows_ref(A.double())[0]
+    for q in (Q, torch.stack(work)):
+        assert orthonormality_error(q) <= 1e-5
+        # well conditioned (cond of a 4x30 Gaussian ~2), so ΔQ ≲ cond·√n·2^-24 + one fp32 rounding
+        assert (q.double() - Q_ref).abs().amax().item() <= 1e-5
+    assert torch.equal(Q, torch.stack(work))
+
+
 def duplicated_row_matrices(dtype):
     """Matrices with an exactly repeated row (and a zero one): the repeated row's R_jj is rounding noise.
     Before the fix the CPU fast path accepted a few of these small ones (5 of the 200 (2, 3) fp32 matrices)
