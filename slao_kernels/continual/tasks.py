@@ -128,8 +128,6 @@ def resolve_order(order: str | Sequence[str] | None, available: Sequence[str]) -
 INSTRUCTIONS = {
     "agnews": "What is the topic of this news article?",
     "dbpedia": "What kind of entity does this encyclopedia entry describe?",
-    # split DBpedia (the embedded stream's dbpedia_1..3): the same question over a group of the topics
-    **{f"dbpedia_{k}": "What kind of entity does this encyclopedia entry describe?" for k in (1, 2, 3)},
     "amazon": "How positive is this product review?",
     "yelp": "How positive is this restaurant review?",
     "imdb": "Is the sentiment of this movie review good or bad?",
@@ -143,6 +141,8 @@ INSTRUCTIONS = {
     "wic": "Is the word used with the same meaning in both sentences?",
     "multirc": "Is the answer to the question about the paragraph correct?",
 }
+# split DBpedia (the embedded tasks dbpedia_1..3): DBpedia's question over a group of its topics
+INSTRUCTIONS.update({f"dbpedia_{k}": INSTRUCTIONS["dbpedia"] for k in (1, 2, 3)})
 GENERIC_INSTRUCTION = "Classify the input."
 
 
