@@ -11,6 +11,7 @@ from conftest import tiny_model, tiny_tokenizer
 
 from slao_kernels.continual import RunConfig, TrainConfig, generated_suite, run_stream
 from slao_kernels.continual.compare import (
+    aa_standard_error,
     collect_runs,
     format_summary,
     parse_spec,
@@ -31,6 +32,18 @@ def test_specs_parse_and_are_checked():
         parse_spec("ewc")
     with pytest.raises(ValueError, match="key=value"):
         parse_spec("slao:random")
+
+
+def test_aa_standard_error_is_the_binomial_error_of_the_last_row():
+    """AA = mean of T accuracies on n_j rows each: its standard error is √(Σ p_j(1 − p_j)/n_j) / T.
+    Hand values: one task at 0.5 on 100 rows, 0.05; 0.5 on 40 rows and 1.0 on 10, √(0.25/40)/2."""
+    one = {"accuracy_matrix": [[0.9], [0.5]], "test_rows": [100]}
+    two = {"accuracy_matrix": [[0.1, 0.2], [0.5, 1.0]], "test_rows": [40, 10]}
+    assert aa_standard_error(one) == pytest.approx(0.05)
+    assert aa_standard_error(two) == pytest.approx(0.0395284708)
+    assert aa_standard_error({"accuracy_matrix": [[0.5]]}) is None  # a report from before test_rows
+    with pytest.raises(ValueError):
+        aa_standard_error({"accuracy_matrix": [[0.5, 0.5]], "test_rows": [40]})  # one count per task
 
 
 def test_comparison_runs_summarizes_and_skips_finished_runs(tmp_path):

@@ -52,6 +52,8 @@ def test_demo_writes_the_comparison_the_figure_and_each_strategy_run(demo):
         assert entry["accuracy_matrix"][1][0] == pytest.approx(sum(r["accuracy_matrix"][1][0]
                                                                    for r in entry["runs"]) / 2)
         assert entry["seconds"] == pytest.approx(sum(r["seconds"] for r in entry["runs"]))
+        assert entry["test_rows"] == [8, 8]  # --test-size 8 per task, every row evaluated
+        assert 0 < entry["aa_standard_error"] <= 0.5 / 8**0.5 / 2**0.5  # at most p = 0.5 on both tasks
     slao, seqlora = record["strategies"]["slao"], record["strategies"]["seqlora"]
     assert record["gain_aa_points"]["seqlora"] == pytest.approx(100 * (slao["aa"] - seqlora["aa"]))
     assert slao["adapter_bytes"] > seqlora["adapter_bytes"]  # SLAO keeps one B buffer per layer besides
@@ -74,6 +76,8 @@ def test_demo_prints_the_table_that_comparison_md_holds(demo):
         assert cells[6] == f"{entry['seconds']:.0f} s"
     gain = record["gain_aa_points"]["seqlora"]
     assert f"slao vs seqlora: {gain:+.1f} AA points" in printed
+    errors = ", ".join(f"{100 * e['aa_standard_error']:.1f} ({spec})" for spec, e in record["strategies"].items())
+    assert f"resolution: one run's AA rests on 16 test rows (8 + 8); its binomial standard error is {errors}" in table
     assert os.path.join(out, "comparison.png") in printed
 
 

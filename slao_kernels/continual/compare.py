@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import statistics
 import time
@@ -252,6 +253,17 @@ def plot_summary(summary: dict, out: str, log: Callable[[str], None] = print) ->
 # --------------------------------------------------------------------------- side by side (slao demo)
 
 
+def aa_standard_error(report: dict) -> float | None:
+    """The binomial standard error of a finished run's AA: AA is the mean over T tasks of accuracies p_j
+    measured on n_j test rows each, so its variance from the finite test sets alone is
+    Σ_j p_j (1 − p_j) / n_j / T², with p_j the last row of the accuracy matrix. None for a report
+    without ``test_rows`` (written before the key existed)."""
+    rows, final = report.get("test_rows"), report["accuracy_matrix"][-1]
+    if not rows:
+        return None
+    return math.sqrt(sum(p * (1.0 - p) / n for p, n in zip(final, rows, strict=True))) / len(final)
+
+
 def _mean_matrix(matrices: list[list[list[float]]]) -> list[list[float]]:
     return [[statistics.fmean(cells) for cells in zip(*rows, strict=True)] for rows in zip(*matrices, strict=True)]
 
@@ -263,7 +275,8 @@ def side_by_side(runs: dict[str, list[dict]], out: str) -> dict:
     Per spec under ``strategies``: ``aa``, ``bwt``, ``fwt``, ``forgetting``, ``ap`` (means over the
     seeds; ``<metric>_std`` their standard deviation), ``accuracy_matrix`` and ``zero_shot`` (element-wise
     means over the seeds; each seed's own under ``runs``), ``adapter_bytes`` (after the last task) with
-    ``adapter_bytes_per_task``, ``seconds`` (wall time of its runs, summed over the seeds: zero-shot
+    ``adapter_bytes_per_task``, ``aa_standard_error`` (:func:`aa_standard_error`, the mean over the seeds;
+    None where a report lacks ``test_rows``), ``test_rows``, ``seconds`` (wall time of its runs, summed over the seeds: zero-shot
     evaluation, training, evaluation; the model load is not in it) and ``run_dirs``. ``gain_aa_points``
     holds, for every other spec, the first spec's AA minus that spec's in points (100 × the difference of
     the means), and ``gain_aa_points_per_seed`` the same seed by seed.
@@ -283,6 +296,8 @@ def side_by_side(runs: dict[str, list[dict]], out: str) -> dict:
             "zero_shot": [statistics.fmean(a) for a in zip(*(r["zero_shot"] for r in reports), strict=True)],
             "adapter_bytes": reports[0]["adapter_bytes"][-1],
             "adapter_bytes_per_task": reports[0]["adapter_bytes"],
+            "test_rows": reports[0].get("test_rows"),
+            "aa_standard_error": _mean_or_none([aa_standard_error(r) for r in reports]),
             "seconds": sum(r["timings"]["total_s"] for r in reports),
             "run_dirs": [run_directory(out, spec, r["config"]["seed"]) for r in reports],
             "runs": [{"seed": r["config"]["seed"], "aa": r["aa"], "bwt": r["bwt"], "fwt": r["fwt"],
@@ -299,6 +314,10 @@ def side_by_side(runs: dict[str, list[dict]], out: str) -> dict:
                            for r in strategies[first]["runs"] if r["seed"] in theirs}
     return {"tasks": tasks, "reference": first, "strategies": strategies, "gain_aa_points": gains,
             "gain_aa_points_per_seed": per_seed}
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+    return None if any(v is None for v in values) else statistics.fmean(values)
 
 
 def _mean_std(entry: dict, key: str, signed: bool = False) -> str:
@@ -321,4 +340,10 @@ def format_side_by_side(record: dict) -> str:
         seeds_text = ", ".join(f"{g:+.1f}" for g in record["gain_aa_points_per_seed"][other].values())
         lines.append(f"{record['reference']} vs {other}: {gain:+.1f} AA points"
                      + (f" (per seed: {seeds_text})" if len(seeds) > 1 else ""))
+    errors = {spec: e["aa_standard_error"] for spec, e in record["strategies"].items()}
+    if all(v is not None for v in errors.values()):
+        rows = next(iter(record["strategies"].values()))["test_rows"]
+        lines.append(f"resolution: one run's AA rests on {sum(rows)} test rows "
+                     f"({' + '.join(map(str, rows))}); its binomial standard error is "
+                     + ", ".join(f"{100 * v:.1f} ({spec})" for spec, v in errors.items()) + " AA points")
     return "\n".join(lines) + "\n"

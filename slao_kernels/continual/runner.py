@@ -4,8 +4,8 @@ consolidate → evaluate every task, with the metrics and a report on disk.
 Output directory (every file is written atomically, so a crash leaves the
 last consistent state, never a torn file)::
 
-    report.json                 tasks, accuracy_matrix, zero_shot, aa, bwt, fwt, forgetting, ap, fp,
-                                config, timings, losses, adapter_bytes, status ("running", "failed"
+    report.json                 tasks, test_rows (rows evaluated per task), accuracy_matrix, zero_shot,
+                                aa, bwt, fwt, forgetting, ap, fp, config, timings, losses, adapter_bytes, status ("running", "failed"
                                 with failed_task, or "complete") — rewritten after every task
     checkpoint/                 the strategy's state after the last finished task (SLAO: SLAO.load),
                                 with the run's record of every finished task: the commit point
@@ -90,10 +90,15 @@ class RunConfig:
         return {**asdict(self), "lora": self.lora.to_dict()}
 
 
+def evaluated_rows(tasks, config: RunConfig) -> list[int]:
+    """The number of test rows each task is evaluated on (``max_test`` caps every task's test set)."""
+    return [len(t.test) if config.max_test is None else min(len(t.test), config.max_test) for t in tasks]
+
+
 def _eval_all(model, encoder, tasks, config: RunConfig, desc: str, progress: bool) -> list[float]:
     from tqdm.auto import tqdm
 
-    total = sum(len(t.test) if config.max_test is None else min(len(t.test), config.max_test) for t in tasks)
+    total = sum(evaluated_rows(tasks, config))
     with tqdm(total=total, desc=desc, unit="row", disable=not progress, leave=False, dynamic_ncols=True) as bar:
         return [evaluate_task(model, encoder, t, config.eval_batch_size, config.max_test, bar.update)["accuracy"]
                 for t in tasks]
@@ -219,7 +224,8 @@ def run_stream(model: nn.Module, tokenizer, tasks: Sequence[Task], config: RunCo
         encoder = PromptEncoder(tokenizer, config.max_prompt_tokens)
         strategy.attach(encoder, config.train, tasks)
         report = {
-            "tasks": names, "status": "running", "accuracy_matrix": [], "zero_shot": None,
+            "tasks": names, "test_rows": evaluated_rows(tasks, config), "status": "running", "accuracy_matrix": [],
+            "zero_shot": None,
             "aa": None, "bwt": None, "fwt": None, "forgetting": None, "ap": None, "fp": None,
             "config": {**run_config, "strategy_config": strategy.config()},
             "timings": {"zero_shot_eval_s": None, "tasks": []}, "losses": [], "adapter_bytes": [],
