@@ -275,9 +275,10 @@ def side_by_side(runs: dict[str, list[dict]], out: str) -> dict:
     Per spec under ``strategies``: ``aa``, ``bwt``, ``fwt``, ``forgetting``, ``ap`` (means over the
     seeds; ``<metric>_std`` their standard deviation), ``accuracy_matrix`` and ``zero_shot`` (element-wise
     means over the seeds; each seed's own under ``runs``), ``adapter_bytes`` (after the last task) with
-    ``adapter_bytes_per_task``, ``aa_standard_error`` (:func:`aa_standard_error`, the mean over the seeds;
-    None where a report lacks ``test_rows``), ``test_rows``, ``seconds`` (wall time of its runs, summed over the seeds: zero-shot
-    evaluation, training, evaluation; the model load is not in it) and ``run_dirs``. ``gain_aa_points``
+    ``adapter_bytes_per_task``, ``aa_standard_error`` (:func:`aa_standard_error`, the mean over the
+    seeds; None where a report lacks ``test_rows``), ``test_rows``, ``seconds`` (wall time of its runs,
+    summed over the seeds: zero-shot evaluation, training, evaluation; the model load is not in it) and
+    ``run_dirs``. ``gain_aa_points``
     holds, for every other spec, the first spec's AA minus that spec's in points (100 × the difference of
     the means), and ``gain_aa_points_per_seed`` the same seed by seed.
     """

@@ -5,8 +5,9 @@ Output directory (every file is written atomically, so a crash leaves the
 last consistent state, never a torn file)::
 
     report.json                 tasks, test_rows (rows evaluated per task), accuracy_matrix, zero_shot,
-                                aa, bwt, fwt, forgetting, ap, fp, config, timings, losses, adapter_bytes, status ("running", "failed"
-                                with failed_task, or "complete") — rewritten after every task
+                                aa, bwt, fwt, forgetting, ap, fp, config, timings, losses, adapter_bytes,
+                                status ("running", "failed" with failed_task, or "complete") — rewritten
+                                after every task
     checkpoint/                 the strategy's state after the last finished task (SLAO: SLAO.load),
                                 with the run's record of every finished task: the commit point
     adapter/                    the final adapter in PEFT format (written last; only for strategies whose
