@@ -239,6 +239,12 @@ def load_peft_adapter(model: nn.Module, directory: str) -> list[str]:
             raise ValueError(f"PEFT adapter: {key}=True is not supported")
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise ValueError("PEFT adapter: per-module rank_pattern / alpha_pattern are not supported")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"PEFT adapter: bias={config['bias']!r} is not supported (trained biases are not LoRA "
+                         "factors); only bias='none'")
+    if config.get("modules_to_save"):
+        raise ValueError(f"PEFT adapter: modules_to_save={config['modules_to_save']!r} is not supported (fully "
+                         "trained copies of modules); only LoRA factors are loaded")
     path = os.path.join(directory, "adapter_model.safetensors")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"PEFT adapter: {path} does not exist")
@@ -249,10 +255,15 @@ def load_peft_adapter(model: nn.Module, directory: str) -> list[str]:
         if not key.startswith(PEFT_PREFIX):
             raise ValueError(f"PEFT adapter: unexpected tensor {key} (expected {PEFT_PREFIX}<module>.lora_A.weight)")
         body = key[len(PEFT_PREFIX):]
+        matched = False
         for factor in ("lora_A", "lora_B"):
             for suffix in (f".{factor}.weight", f".{factor}.default.weight"):
                 if body.endswith(suffix):
                     weights.setdefault(body[: -len(suffix)], {})[factor] = t
+                    matched = True
+        if not matched:  # a bias, an embedding factor, a saved module: loading without it would differ from PEFT
+            raise ValueError(f"PEFT adapter: unexpected tensor {key} (expected {PEFT_PREFIX}<module>.lora_A.weight "
+                             "or .lora_B.weight)")
     rank, alpha, rslora = config.get("r"), config.get("lora_alpha"), config.get("use_rslora", False)
     if not is_int(rank) or rank < 1:
         raise ValueError(f"PEFT adapter: field 'r' of adapter_config.json must be an integer >= 1, got {rank!r}")

@@ -96,8 +96,10 @@ def test_comparison_runs_summarizes_and_skips_finished_runs(tmp_path):
     assert collect_runs(str(tmp_path / "nothing")) == {}
 
 
-def test_a_finished_run_of_other_tasks_lends_no_zero_shot(tmp_path):
-    """The zero-shot accuracies of a finished run are reused only for the same tasks and evaluation."""
+def test_a_finished_run_of_other_tasks_or_settings_is_refused_before_anything_runs(tmp_path):
+    """The reported bug: a finished run in the output directory was reused whatever its tasks or settings
+    (a 1-task slao run summarized beside a 2-task seqlora run). Now refused, naming what differs, before any
+    run starts; the same command again reuses it."""
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
     model = tiny_model(vocab_size=len(tokenizer), max_position_embeddings=256, initializer_range=0.2)
@@ -106,8 +108,15 @@ def test_a_finished_run_of_other_tasks_lends_no_zero_shot(tmp_path):
     run_comparison(model, tokenizer, generated_suite("large", train_size=8, test_size=4), ["slao"], [0], config,
                    str(tmp_path), progress=False, log=lambda line: None)
     tasks = generated_suite("large,small", train_size=8, test_size=4)
-    summary = run_comparison(model, tokenizer, tasks, ["slao", "seqlora"], [0], config, str(tmp_path),
-                             progress=False, log=lambda line: None)  # slao seed 0 is "done earlier", on one task
-    report = json.loads(open(os.path.join(run_directory(str(tmp_path), "seqlora", 0), "report.json")).read())
-    assert len(report["zero_shot"]) == 2 and report["timings"]["zero_shot_eval_s"] > 0  # measured its own
-    assert summary["strategies"]["seqlora"]["runs"][0]["aa"] is not None
+    with pytest.raises(ValueError, match=r"finished run over \['large'\], not \['large', 'small'\]"):
+        run_comparison(model, tokenizer, tasks, ["seqlora", "slao"], [0], config, str(tmp_path),
+                       progress=False, log=lambda line: None)
+    assert not os.path.exists(run_directory(str(tmp_path), "seqlora", 0))  # checked before seqlora ran
+    longer = RunConfig(lora=config.lora, train=TrainConfig(steps=2, batch_size=4, lr=1e-2), eval_batch_size=8)
+    with pytest.raises(ValueError, match=r"other settings \(train\)"):
+        run_comparison(model, tokenizer, tasks[:1], ["slao"], [0], longer, str(tmp_path),
+                       progress=False, log=lambda line: None)
+    lines = []
+    run_comparison(model, tokenizer, tasks[:1], ["slao"], [0], config, str(tmp_path), progress=False,
+                   log=lines.append)
+    assert any("done earlier" in line for line in lines)

@@ -215,6 +215,8 @@ def test_peft_save_through_a_symlink_replaces_its_target(tmp_path):
     (lambda c: {**c, "lora_alpha": None}, "field 'lora_alpha'"),
     (lambda c: {**c, "use_rslora": "no"}, "field 'use_rslora'"),
     (lambda c: {**c, "lora_dropout": 1.5}, "field 'lora_dropout'"),
+    (lambda c: {**c, "bias": "lora_only"}, "bias='lora_only' is not supported"),
+    (lambda c: {**c, "modules_to_save": ["lm_head"]}, "modules_to_save=\\['lm_head'\\] is not supported"),
 ])
 def test_malformed_peft_config_is_refused_naming_the_field(tmp_path, edit, match):
     old, _ = peft_pair()
@@ -224,5 +226,23 @@ def test_malformed_peft_config_is_refused_naming_the_field(tmp_path, edit, match
     fresh = tiny_model()
     snap = snapshot(fresh)
     with pytest.raises(ValueError, match=match):
+        load_peft_adapter(fresh, str(tmp_path))
+    assert unchanged(fresh, snap) and not lora_modules(fresh)
+
+
+def test_a_tensor_that_is_no_lora_factor_is_refused_not_dropped(tmp_path):
+    """The reported bug: tensors other than lora_A / lora_B (a trained lora_B bias, as PEFT writes with
+    bias='lora_only'; an embedding factor) were skipped silently, so the model loaded differed from PEFT's."""
+    from safetensors.torch import load_file, save_file
+
+    old, _ = peft_pair()
+    save_peft_adapter(old, str(tmp_path))
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias"
+    save_file({**tensors, key: torch.ones(tensors[key.replace(".bias", ".weight")].shape[0])}, path)
+    fresh = tiny_model()
+    snap = snapshot(fresh)
+    with pytest.raises(ValueError, match=f"unexpected tensor {key}"):
         load_peft_adapter(fresh, str(tmp_path))
     assert unchanged(fresh, snap) and not lora_modules(fresh)

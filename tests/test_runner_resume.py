@@ -206,3 +206,52 @@ def test_resume_refuses_a_report_without_its_checkpoint(tmp_path, tokenizer, mon
     assert lora_modules(model) == {}  # refused before patching
     after = model.state_dict()
     assert sorted(after) == sorted(before) and all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_resuming_on_the_model_a_killed_run_trained_is_refused(tmp_path, tokenizer, monkeypatch):
+    """The reported bug: killed after task 1's training (before its commit) and resumed on the same model
+    object (a notebook retry), the run kept the trained adapters in the model: the zero-shot accuracies and
+    task 1 were measured and trained on from them. Now refused, the run directory untouched; a fresh model
+    resumes it to the uninterrupted result."""
+    model = _model(tokenizer)
+
+    def kill(name, index):
+        if (name, index) == ("trained", 1):
+            raise Killed
+    monkeypatch.setattr(runner, "_stage", kill)
+    with pytest.raises(Killed):
+        run_stream(model, tokenizer, TASKS, CONFIG, out=str(tmp_path), **QUIET)
+    monkeypatch.setattr(runner, "_stage", lambda name, index: None)
+    before = (tmp_path / "report.json").read_bytes()
+    with pytest.raises(ValueError, match="already carries trained adapters"):
+        run_stream(model, tokenizer, TASKS, CONFIG, out=str(tmp_path), resume=True, **QUIET)
+    assert (tmp_path / "report.json").read_bytes() == before
+    report = run_stream(_model(tokenizer), tokenizer, TASKS, CONFIG, out=str(tmp_path), resume=True, **QUIET)
+    assert report["status"] == "complete"
+
+
+def test_a_model_patched_but_not_trained_is_taken(tokenizer):
+    """Adapters as patch_llama makes them (B = 0: the model computes the base's outputs) are not refused."""
+    from slao_kernels import patch_llama
+
+    model = _model(tokenizer)
+    torch.manual_seed(CONFIG.seed)
+    patch_llama(model, CONFIG.lora)
+    report = run_stream(model, tokenizer, TASKS[:1], CONFIG, **QUIET)
+    assert report["status"] == "complete"
+
+
+@pytest.mark.parametrize("field,value", [("max_test", 0), ("max_test", -1), ("eval_batch_size", 0),
+                                         ("max_prompt_tokens", 0), ("seed", 1.5), ("strategy", "nope")])
+def test_run_config_refuses_bad_values_naming_the_field(field, value):
+    """max_test=-1 used to evaluate every test row but the last, 0 to divide by zero after the model was patched."""
+    with pytest.raises(ValueError, match=field if field != "strategy" else "unknown strategy 'nope'"):
+        RunConfig(**{field: value})
+
+
+def test_a_bad_strategy_option_is_refused_before_the_model_is_patched(tokenizer):
+    model = _model(tokenizer)
+    config = RunConfig(lora=CONFIG.lora, train=CONFIG.train, strategy_options={"merge": "C"})
+    with pytest.raises(ValueError, match="merge"):
+        run_stream(model, tokenizer, TASKS, config, **QUIET)
+    assert lora_modules(model) == {}

@@ -26,7 +26,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 
-from slao_kernels.continual.runner import RunConfig, run_stream
+from slao_kernels.continual.runner import RunConfig, comparable_settings, run_stream
 from slao_kernels.continual.strategies import registered_strategy
 from slao_kernels.continual.tasks import Task
 
@@ -76,6 +76,10 @@ def run_comparison(model, tokenizer, tasks: Sequence[Task], specs: Sequence[str]
                    log: Callable[[str], None] = print, extra: dict | None = None) -> dict:
     """Run every strategy spec with every seed on a fresh copy of ``model``; returns the summary.
 
+    A finished run already in ``out`` is reused as it is when it has this comparison's tasks and settings,
+    and refused (``ValueError`` naming what differs) otherwise, before anything runs; an unfinished one is
+    resumed, checked by :func:`run_stream`.
+
     ``config`` sets everything but the strategy and the seeds (its ``seed`` and
     ``train.seed`` are replaced by each seed). The zero-shot accuracies are measured
     by the first run and given to the others (see :func:`run_stream`'s ``zero_shot``).
@@ -87,37 +91,58 @@ def run_comparison(model, tokenizer, tasks: Sequence[Task], specs: Sequence[str]
     zero_shot = None  # the base model's, the same for every run
     names = [t.name for t in tasks]
     evaluation = json.loads(json.dumps({**config.to_dict(), **(extra or {})}))  # as a report.json reads back
+    plan = []  # every finished run checked to be this comparison's before anything runs
     for spec, (name, options) in parsed.items():
         for seed in seeds:
             run_dir = run_directory(out, spec, seed)
+            run_config = RunConfig(lora=config.lora, train=type(config.train)(**{**config.train.to_dict(),
+                                                                                  "seed": seed}),
+                                   strategy=name, strategy_options=options, eval_batch_size=config.eval_batch_size,
+                                   max_test=config.max_test, max_prompt_tokens=config.max_prompt_tokens, seed=seed)
             report_path = os.path.join(run_dir, "report.json")
             existing = None
             if os.path.isfile(report_path):
                 with open(report_path) as f:
                     existing = json.load(f)
             if existing and existing.get("status") == "complete":
-                log(f"{spec} seed {seed}: done earlier, {report_path}")
-                runs.setdefault(spec, []).append(existing)
-                if zero_shot is None and _same_evaluation(existing, names, evaluation):
-                    zero_shot = existing.get("zero_shot")
-                continue
-            run_config = RunConfig(lora=config.lora, train=type(config.train)(**{**config.train.to_dict(),
-                                                                                  "seed": seed}),
-                                   strategy=name, strategy_options=options, eval_batch_size=config.eval_batch_size,
-                                   max_test=config.max_test, max_prompt_tokens=config.max_prompt_tokens, seed=seed)
-            log(f"{spec} seed {seed}: {'resuming' if existing else 'running'} into {run_dir}")
-            fresh = copy.deepcopy(model)  # the base weights untouched by earlier runs (LoRA-GA, SLICE change them)
-            start = time.perf_counter()
-            report = run_stream(fresh, tokenizer, tasks, run_config, out=run_dir, progress=progress,
-                                log=lambda s: None, extra_report={"spec": spec, **(extra or {})},
-                                resume=existing is not None, zero_shot=zero_shot)
-            zero_shot = report["zero_shot"]
-            del fresh
-            bwt = "n/a" if report["bwt"] is None else f"{report['bwt']:+.3f}"
-            log(f"{spec} seed {seed}: AA {report['aa']:.3f}, BWT {bwt} in {time.perf_counter() - start:.0f} s")
-            runs.setdefault(spec, []).append(report)
+                _check_reusable(existing, report_path, names,
+                                {**run_config.to_dict(), "spec": spec, **(extra or {})})
+            plan.append((spec, seed, run_dir, run_config, existing))
+    for spec, seed, run_dir, run_config, existing in plan:
+        report_path = os.path.join(run_dir, "report.json")
+        if existing and existing.get("status") == "complete":
+            log(f"{spec} seed {seed}: done earlier, {report_path}")
+            runs.setdefault(spec, []).append(existing)
+            if zero_shot is None and _same_evaluation(existing, names, evaluation):
+                zero_shot = existing.get("zero_shot")
+            continue
+        log(f"{spec} seed {seed}: {'resuming' if existing else 'running'} into {run_dir}")
+        fresh = copy.deepcopy(model)  # the base weights untouched by earlier runs (LoRA-GA, SLICE change them)
+        start = time.perf_counter()
+        report = run_stream(fresh, tokenizer, tasks, run_config, out=run_dir, progress=progress,
+                            log=lambda s: None, extra_report={"spec": spec, **(extra or {})},
+                            resume=existing is not None, zero_shot=zero_shot)
+        zero_shot = report["zero_shot"]
+        del fresh
+        bwt = "n/a" if report["bwt"] is None else f"{report['bwt']:+.3f}"
+        log(f"{spec} seed {seed}: AA {report['aa']:.3f}, BWT {bwt} in {time.perf_counter() - start:.0f} s")
+        runs.setdefault(spec, []).append(report)
     summary = summarize(runs, [t.name for t in tasks], list(seeds))
     return write_summary(summary, out, extra={"config": config.to_dict(), **(extra or {})}, log=log)
+
+
+def _check_reusable(report: dict, path: str, names: list[str], expected: dict) -> None:
+    """A finished run is reused as it is only when it is this comparison's: the same tasks and the same
+    settings (as run_stream's resumption checks an unfinished one); else ``ValueError`` naming what differs."""
+    if report.get("tasks") != names:
+        raise ValueError(f"run_comparison: {path} is a finished run over {report.get('tasks')}, not {names}; "
+                         "use another output directory, or remove it")
+    theirs = comparable_settings(report.get("config") or {})
+    ours = comparable_settings(json.loads(json.dumps(expected)))  # as a report.json reads back
+    differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    if differ:
+        raise ValueError(f"run_comparison: {path} is a finished run with other settings ({', '.join(differ)}); "
+                         "use another output directory, or remove it")
 
 
 # what the zero-shot accuracies depend on, besides the tasks

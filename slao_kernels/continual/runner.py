@@ -28,14 +28,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from slao_kernels._files import is_real
+from slao_kernels._files import is_int, is_real
 from slao_kernels.continual.evaluate import evaluate_task
 from slao_kernels.continual.metrics import cl_metrics
 from slao_kernels.continual.prompts import PromptEncoder
-from slao_kernels.continual.strategies import make_strategy
+from slao_kernels.continual.strategies import make_strategy, registered_strategy
 from slao_kernels.continual.tasks import Task
 from slao_kernels.continual.train import TrainConfig, hash_name, train_task
-from slao_kernels.patching import LLAMA_PROJECTIONS, LoRAConfig, patch_llama
+from slao_kernels.patching import LLAMA_PROJECTIONS, LoRAConfig, lora_modules, patch_llama
 
 
 class TaskFailed(RuntimeError):
@@ -86,6 +86,20 @@ class RunConfig:
     max_prompt_tokens: int = 256
     seed: int = 0
 
+    def __post_init__(self):
+        for name in ("eval_batch_size", "max_prompt_tokens"):
+            value = getattr(self, name)
+            if not is_int(value) or value < 1:
+                raise ValueError(f"RunConfig.{name} must be an int >= 1, got {value!r}")
+        if self.max_test is not None and (not is_int(self.max_test) or self.max_test < 1):
+            raise ValueError(f"RunConfig.max_test must be None or an int >= 1, got {self.max_test!r}")
+        if not is_int(self.seed):
+            raise ValueError(f"RunConfig.seed must be an int, got {self.seed!r}")
+        if not isinstance(self.lora, LoRAConfig) or not isinstance(self.train, TrainConfig):
+            raise TypeError(f"RunConfig.lora must be a LoRAConfig and .train a TrainConfig, got "
+                            f"{type(self.lora).__name__} and {type(self.train).__name__}")
+        registered_strategy(self.strategy)  # an unknown name raises here, naming the available ones
+
     def to_dict(self) -> dict:
         """A JSON-safe dict (the report's ``config``); ``lora`` as :meth:`LoRAConfig.to_dict` writes it."""
         return {**asdict(self), "lora": self.lora.to_dict()}
@@ -117,7 +131,8 @@ def _stage(name: str, task: int) -> None:
     stop a run at exactly that point."""
 
 
-def _comparable(config: dict) -> dict:
+def comparable_settings(config: dict) -> dict:
+    """A report's ``config`` without what may differ between a run and its resumption (or reuse)."""
     # strategy_config follows from the strategy and its options (compared): left out, so the check
     # can run before the strategy exists
     return {k: v for k, v in config.items() if k not in RUN_SPECIFIC and k != "strategy_config"}
@@ -155,11 +170,22 @@ def _resume_state(out: str, names: list[str], config: dict) -> dict | None:
     if record["tasks"] != names or not 1 <= done <= len(names):
         raise ValueError(f"cannot resume: the checkpoint in {checkpoint} is of a run over {record['tasks']} "
                          f"with {done} finished, not of {names}")
-    saved, ours = _comparable(record["config"]), _comparable(config)
+    saved, ours = comparable_settings(record["config"]), comparable_settings(config)
     if saved != ours:
         differ = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
         raise ValueError(f"cannot resume: the run in {out} has other settings ({', '.join(differ)})")
     return record
+
+
+def _check_fresh_adapters(model: nn.Module) -> None:
+    """A model that already carries adapters is taken only if they are untrained (every lora_B zero, as
+    patch_llama makes them): one a run trained on, kept in memory after an interrupt or a finished run,
+    would start this run from its state, and its zero-shot accuracies would not be the base model's."""
+    trained = [path for path, m in lora_modules(model).items() if bool(m.lora_B.detach().ne(0).any())]
+    if trained:
+        raise ValueError(f"run_stream: the model already carries trained adapters ({len(trained)} with "
+                         f"lora_B != 0, first {trained[0]!r}); pass the base model (a fresh load, or a copy "
+                         "made before any run), not one an earlier run trained")
 
 
 def run_stream(model: nn.Module, tokenizer, tasks: Sequence[Task], config: RunConfig = RunConfig(),
@@ -169,9 +195,10 @@ def run_stream(model: nn.Module, tokenizer, tasks: Sequence[Task], config: RunCo
     """Train ``model`` on ``tasks`` in order with ``config.strategy``; returns the report.
 
     The model is patched with ``config.lora`` (in place) unless it already
-    carries those adapters. With ``out``, the report, checkpoint, plots and the
-    final adapter (``out/adapter``, PEFT format, naming ``base_model_name_or_path``)
-    are written there (see the module docstring). ``extra_report`` is merged into
+    carries those adapters untrained (every ``lora_B`` zero); trained ones are
+    refused. With ``out``, the report, checkpoint, plots and the final adapter
+    (``out/adapter``, PEFT format, naming ``base_model_name_or_path``) are written
+    there (see the module docstring). ``extra_report`` is merged into
     the report's ``config`` (model and data sources).
 
     Each task ends in one commit: the checkpoint, which records the task's report
@@ -219,6 +246,9 @@ def run_stream(model: nn.Module, tokenizer, tasks: Sequence[Task], config: RunCo
         run_config = {**config.to_dict(), **(extra_report or {})}
         # everything a resumption depends on is checked before the model changes
         record = _resume_state(out, names, run_config) if resume else None
+        entry = registered_strategy(config.strategy)  # the options too, before the model is touched
+        entry.config.from_options(dict(config.strategy_options), where=f"strategy {config.strategy!r}")
+        _check_fresh_adapters(model)
         torch.manual_seed(config.seed)
         patch_llama(model, config.lora)
         strategy = make_strategy(config.strategy, model, **config.strategy_options)
