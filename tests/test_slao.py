@@ -295,6 +295,63 @@ def test_abort_task_restores_the_state_before_begin_task_bit_for_bit(init, merge
     assert_same_state(state(slao), state(clean))
 
 
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("init,merge", MODES)
+@pytest.mark.parametrize("task", [1, 2])
+@pytest.mark.parametrize("at", ["merge", "allocation"])
+def test_end_task_failing_after_its_checks_changes_nothing(init, merge, task, at, monkeypatch):
+    """The reported bug: an end_task that failed after its checks (out of memory allocating the buffers,
+    the merge raising on its second factor, Ctrl-C) had already swapped some factors: the task was still
+    open but the model held part of the merge, and abort_task then restored the wrong adapter. Now every
+    allocation and the merge happen on new tensors first and the model changes only after: a failure leaves
+    the task open as it was, and abort_task restores the state before begin_task bit for bit."""
+    import slao_kernels.continual.slao as slao_module
+
+    torch.manual_seed(0)
+    model, slao = patched(init=init, merge=merge)
+    for i in range(1, task):
+        torch.manual_seed(7)
+        slao.begin_task()
+        fake_finetune(slao, i)
+        slao.end_task()
+    before_task = state(slao)
+    torch.manual_seed(7)
+    slao.begin_task()
+    fake_finetune(slao, task)
+    before_end = state(slao)
+    calls = []
+    if at == "merge":  # the last merge call of this end_task raises (the second factor's with merge="AB")
+        real = slao_module.scaled_merge_
+        expected = merge.count("A") + merge.count("B") if task > 1 else 0
+
+        def merge_fn(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == expected:
+                raise Crash
+            return real(*args, **kwargs)
+        if expected == 0:
+            pytest.skip("no merge call in this end_task")
+        monkeypatch.setattr(slao_module, "scaled_merge_", merge_fn)
+    else:  # the allocation of the last layer's staged tensor raises (out of memory)
+        real_empty = torch.empty_like
+        last = list(slao.modules.values())[-1]
+
+        def empty_like(t, *args, **kwargs):
+            if t is last.lora_A or t is last.lora_B:
+                raise Crash
+            return real_empty(t, *args, **kwargs)
+        monkeypatch.setattr(slao_module.torch, "empty_like", empty_like)
+    with pytest.raises(Crash):
+        slao.end_task()
+    monkeypatch.undo()
+    assert_same_state(state(slao), before_end)  # the task open, the fine-tuned adapter in the model
+    assert slao.abort_task() == task - 1
+    assert_same_state(state(slao), before_task)
+
+
 def test_abort_task_without_a_task_is_refused():
     _, slao = patched()
     with pytest.raises(RuntimeError, match="no task in progress"):

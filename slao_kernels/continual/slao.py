@@ -175,7 +175,11 @@ class SLAO:
     @torch.no_grad()
     def end_task(self) -> float:
         """Merge the fine-tuned adapter into the running merge; the model then holds
-        the merged adapter. Returns λ(i) used for this task."""
+        the merged adapter. Returns λ(i) used for this task.
+
+        All or nothing: the factors are checked finite first, and the merge is computed
+        into new tensors (one more adapter-sized set for the moment) before the model or
+        the buffers change, so any failure leaves the task open as it was."""
         if not self.in_task:
             raise RuntimeError("end_task(): no task in progress; call begin_task() first")
         dist_utils.reshard(self.model)
@@ -190,30 +194,42 @@ class SLAO:
         lam = merge_weight(self.lam, self.task_index)
         names = list(self.modules)
         layers = list(self.modules.values())
-        if not self._b_other:  # first task: allocate the one buffer per layer (sharded like its parameter)
-            self._b_other = {n: torch.empty_like(m.lora_B) for n, m in zip(names, layers, strict=True)}
-            if self.merge in ("A", "AB"):
-                self._a_other = {n: torch.empty_like(m.lora_A) for n, m in zip(names, layers, strict=True)}
-            for n, m in zip(names, layers, strict=True):  # "merged so far" = this task's result (λ(1) = 1)
-                local(self._b_other[n]).copy_(local(m.lora_B))
-                if self._a_other:
-                    local(self._a_other[n]).copy_(local(m.lora_A))
-        # Buffers hold X_merge,i−1; the model holds X_ft,i. Merge into the buffer,
-        # then swap: the model gets X_merge,i, the buffer keeps X_ft,i for the next init.
-        for factor, buffers in (("lora_B", self._b_other), ("lora_A", self._a_other)):
-            if not buffers:
-                continue
-            merges = {"lora_A": "A", "lora_B": "B"}[factor] in self.merge
-            # the local rows (all of them unless sharded); a rank can hold none of a small A
-            pairs = [(local(buffers[n]), local(getattr(m, factor))) for n, m in zip(names, layers, strict=True)]
-            pairs = [(b, p) for b, p in pairs if b.numel()]
-            if merges and pairs:  # inputs checked finite above, on every rank
-                scaled_merge_([b for b, _ in pairs], [p for _, p in pairs], lam, check_finite=False)
-            elif not merges:  # not merged: the model keeps the fine-tuned factor as the "merged" one
-                for b, p in pairs:
-                    b.copy_(p)
+        # Stage: every allocation and the merge itself on new tensors, X_merge,i per factor and layer, while
+        # the buffers still hold X_merge,i−1 and the model X_ft,i. Nothing the task's state consists of
+        # changes until all of it succeeded, so a failure here (out of memory, Ctrl-C, a kernel error)
+        # leaves the task open exactly as it was, for abort_task() or a retry.
+        factors = [("lora_B", self._b_other, "B" in self.merge)]
+        if self.merge in ("A", "AB"):
+            factors.append(("lora_A", self._a_other, "A" in self.merge))
+        staged = []
+        for factor, buffers, merges in factors:
+            params = [getattr(m, factor) for m in layers]
+            merged = {n: torch.empty_like(p) for n, p in zip(names, params, strict=True)}
+            for n, p in zip(names, params, strict=True):
+                # λ(1) = 1, and a factor that is not merged: X_merge,i = X_ft,i
+                source = buffers[n] if buffers and merges else p
+                local(merged[n]).copy_(local(source))
+            if buffers and merges:  # inputs checked finite above, on every rank
+                # the local rows (all of them unless sharded); a rank can hold none of a small A
+                pairs = [(local(merged[n]), local(p)) for n, p in zip(names, params, strict=True)]
+                pairs = [(b, q) for b, q in pairs if b.numel()]
+                if pairs:
+                    scaled_merge_([b for b, _ in pairs], [q for _, q in pairs], lam, check_finite=False)
+            # a sharded parameter swaps by copying (see _swap): its buffer must exist before the commit
+            spare = {n: torch.empty_like(p) for n, p in zip(names, params, strict=True)
+                     if is_sharded(p) and not buffers}
+            staged.append((factor, buffers, merged, spare))
+        # Commit: the model gets X_merge,i, the buffer keeps X_ft,i for the next init. Storage swaps for
+        # plain tensors (no allocation, nothing to fail); copies into the local rows of sharded ones.
+        for factor, buffers, merged, spare in staged:
             for n, m in zip(names, layers, strict=True):
-                self._swap(getattr(m, factor), buffers, n)
+                param = getattr(m, factor)
+                if is_sharded(param):
+                    buffer = buffers[n] if n in buffers else buffers.setdefault(n, spare[n])
+                    local(buffer).copy_(local(param))
+                    local(param).copy_(local(merged[n]))
+                else:
+                    buffers[n], param.data = param.data, merged[n]
         self.in_task = False
         self._undo = {}
         return lam
