@@ -17,6 +17,7 @@ from slao_kernels.continual.compare import (
     parse_spec,
     run_comparison,
     run_directory,
+    run_seconds,
     summarize,
 )
 from slao_kernels.patching import LoRAConfig
@@ -44,6 +45,15 @@ def test_aa_standard_error_is_the_binomial_error_of_the_last_row():
     assert aa_standard_error({"accuracy_matrix": [[0.5]]}) is None  # a report from before test_rows
     with pytest.raises(ValueError):
         aa_standard_error({"accuracy_matrix": [[0.5, 0.5]], "test_rows": [40]})  # one count per task
+
+
+def test_a_resumed_run_s_seconds_include_the_tasks_of_the_process_before():
+    """The reported bug: a run's time was its report's total_s, the time of the process that finished it,
+    so after a resume the demo's wall-time column left out every task finished before the interrupt."""
+    resumed = {"timings": {"zero_shot_eval_s": 4.0, "total_s": 12.0, "tasks": [
+        {"task": "a", "begin_s": 0.5, "train_s": 30.0, "end_s": 0.25, "eval_s": 5.0},  # the first process
+        {"task": "b", "begin_s": 0.5, "train_s": 8.0, "end_s": 0.25, "eval_s": 3.0}]}}  # after the resume
+    assert run_seconds(resumed) == pytest.approx(4.0 + 35.75 + 11.75)
 
 
 def test_comparison_runs_summarizes_and_skips_finished_runs(tmp_path):

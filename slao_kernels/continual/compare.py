@@ -289,6 +289,15 @@ def aa_standard_error(report: dict) -> float | None:
     return math.sqrt(sum(p * (1.0 - p) / n for p, n in zip(final, rows, strict=True))) / len(final)
 
 
+def run_seconds(report: dict) -> float:
+    """A finished run's time: its zero-shot evaluation plus every task's begin, training, end and
+    evaluation, as its record keeps them. Unlike ``timings.total_s`` (the time of the process that
+    finished the run) this includes the tasks an interrupted process finished before a resume."""
+    timings = report["timings"]
+    return (timings.get("zero_shot_eval_s") or 0.0) + sum(
+        t.get(k, 0.0) for t in timings["tasks"] for k in ("begin_s", "train_s", "end_s", "eval_s"))
+
+
 def _mean_matrix(matrices: list[list[list[float]]]) -> list[list[float]]:
     return [[statistics.fmean(cells) for cells in zip(*rows, strict=True)] for rows in zip(*matrices, strict=True)]
 
@@ -324,11 +333,11 @@ def side_by_side(runs: dict[str, list[dict]], out: str) -> dict:
             "adapter_bytes_per_task": reports[0]["adapter_bytes"],
             "test_rows": reports[0].get("test_rows"),
             "aa_standard_error": _mean_or_none([aa_standard_error(r) for r in reports]),
-            "seconds": sum(r["timings"]["total_s"] for r in reports),
+            "seconds": sum(run_seconds(r) for r in reports),
             "run_dirs": [run_directory(out, spec, r["config"]["seed"]) for r in reports],
             "runs": [{"seed": r["config"]["seed"], "aa": r["aa"], "bwt": r["bwt"], "fwt": r["fwt"],
                       "forgetting": r["forgetting"], "accuracy_matrix": r["accuracy_matrix"],
-                      "zero_shot": r["zero_shot"], "seconds": r["timings"]["total_s"]} for r in reports],
+                      "zero_shot": r["zero_shot"], "seconds": run_seconds(r)} for r in reports],
         })
         strategies[spec] = entry
     first, *others = list(strategies)
