@@ -171,16 +171,17 @@ class LoRALinear(nn.Module):
         u = F.linear(x.to(A.dtype), A)
         return F.linear(u, B) * self.scaling
 
-    def delta_weight(self) -> torch.Tensor:
+    def delta_weight(self, factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """``scaling·B·A`` (out×in) of the adapter (of all, in a :class:`StackedLoRALinear`), in fp32 or
-        wider."""
-        A, B = self._factors()
+        wider; of ``factors = (A, B)`` instead when given (shaped as ``lora_A``, ``lora_B``)."""
+        A, B = self._factors() if factors is None else factors
         dt = torch.promote_types(A.dtype, torch.float32)
         return (B.to(dt) @ A.to(dt)) * self.scaling
 
     @torch.no_grad()
-    def folded_weight(self, sign: int = 1) -> torch.Tensor:
-        """``W + sign·s·B·A`` in the weight's dtype, as a new tensor (the module is not changed).
+    def folded_weight(self, sign: int = 1, factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``W + sign·s·B·A`` in the weight's dtype, as a new tensor (the module is not changed); with
+        ``factors = (A, B)``, of those instead of the module's own (to check a fold before installing them).
 
         Raises:
             ValueError: the result is not finite (a non-finite adapter, or a sum that overflows
@@ -188,7 +189,7 @@ class LoRALinear(nn.Module):
         """
         if sign not in (1, -1):
             raise ValueError(f"LoRALinear.folded_weight: sign must be +1 or -1, got {sign!r}")
-        delta = self.delta_weight()
+        delta = self.delta_weight(factors)
         dt = torch.promote_types(self.weight.dtype, delta.dtype)  # fp32 or wider: an fp64 W keeps its precision
         folded = (self.weight.to(dt) + sign * delta).to(self.weight.dtype)
         if not bool(torch.isfinite(folded).all()):

@@ -493,3 +493,41 @@ def test_a_non_finite_gradient_init_fails_the_task_before_anything_is_installed(
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["status"] == "failed" and report["failed_task"]["index"] == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())  # nothing installed
+
+
+@pytest.mark.parametrize("strategy", ["lora_ga", "slice"])
+@pytest.mark.parametrize("stage", ["end_task", "begin_task"])
+def test_a_gradient_init_fold_that_overflows_changes_no_module(strategy, stage, tokenizer, monkeypatch):
+    """The reported bug: folding module by module, a fold that overflowed at the k-th module had already
+    rewritten the base weights of the modules before it (end_task reset their adapters too; begin_task
+    installed their init), while the error said the adapters were left as training made them. Now every
+    fold is checked before the first weight is written; the failure is the runner's FloatingPointError."""
+    model = _model(tokenizer)
+    patch_llama(model, LORA)
+    tasks = _tasks()
+    s = make_strategy(strategy, model, grad_batches=1)
+    s.attach(PromptEncoder(tokenizer), TrainConfig(batch_size=4), tasks)
+    names = list(s.modules)
+    victim = s.modules[names[1]]  # the second module: the first one would be folded before it
+    if stage == "end_task":
+        s.begin_task(tasks[0])
+        with torch.no_grad():  # finite factors whose product overflows fp32: W + s·B·A = inf
+            victim.lora_A.fill_(1e30)
+            victim.lora_B.fill_(1e30)
+    else:  # the second module's gradient init made to overflow its base correction W − s·B·A
+        from slao_kernels.continual import gradients
+
+        name = "lora_ga_factors" if strategy == "lora_ga" else "slice_factors"
+        real, calls = getattr(gradients, name), []
+
+        def factors(*args, **kwargs):
+            A, B = real(*args, **kwargs)
+            calls.append(1)
+            return (torch.full_like(A, 1e30), torch.full_like(B, 1e30)) if len(calls) == 2 else (A, B)
+        monkeypatch.setattr(gradients, name, factors)
+    before = {n: (m.weight.clone(), m.lora_A.clone(), m.lora_B.clone()) for n, m in s.modules.items()}
+    with pytest.raises(FloatingPointError, match=names[1]):
+        s.end_task(tasks[0]) if stage == "end_task" else s.begin_task(tasks[0])
+    for n, m in s.modules.items():
+        for got, want in zip((m.weight, m.lora_A, m.lora_B), before[n], strict=True):
+            assert torch.equal(got, want), n

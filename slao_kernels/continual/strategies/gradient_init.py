@@ -65,13 +65,18 @@ class GradientInitStrategy(LoRAStrategy):
 
         return full_weight_gradients(self.model, self.modules, names, self._batches(rows, tag), answer_loss)
 
-    @staticmethod
-    def _check_factors(factors: dict) -> None:
+    @torch.no_grad()
+    def _check_factors(self, factors: dict) -> None:
         """``FloatingPointError`` (the runner's failed-task path) naming the modules whose init is not
-        finite, before any is installed."""
+        finite, or whose base correction ``W − s·B·A`` would not be, before any is installed."""
         bad = [n for n, (A, B) in factors.items() if not (torch.isfinite(A).all() and torch.isfinite(B).all())]
         if bad:
             raise FloatingPointError(f"the gradient init of {bad[:3]} is not finite (NaN or inf); nothing installed")
+        for n, (A, B) in factors.items():  # each fold computed once here and dropped: one weight at a time
+            try:
+                self.modules[n].folded_weight(-1, (A, B))
+            except ValueError as e:
+                raise FloatingPointError(f"{n}: {e}; nothing installed") from e
 
     @torch.no_grad()
     def _install(self, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
@@ -82,13 +87,17 @@ class GradientInitStrategy(LoRAStrategy):
         m.weight.copy_(m.folded_weight(-1))
 
     def end_task(self, task: Task) -> dict:
-        """Fold the trained adapter into the base weights, then ``B = 0`` (the output is unchanged)."""
+        """Fold the trained adapter into the base weights, then ``B = 0`` (the output is unchanged).
+        Every fold is checked before any weight is written (computed twice, one weight at a time), so a
+        fold that overflows leaves every module as training made it."""
         with torch.no_grad():
             for n, m in self.modules.items():
                 try:
-                    m.weight.copy_(m.folded_weight(+1))
+                    m.folded_weight(+1)
                 except ValueError as e:  # the runner's path for a task that went non-finite
-                    raise FloatingPointError(f"{n}: {e}") from e
+                    raise FloatingPointError(f"{n}: {e}; no base weight changed") from e
+            for m in self.modules.values():
+                m.weight.copy_(m.folded_weight(+1))
                 m.reset_lora_parameters()
         return {}
 
