@@ -255,16 +255,22 @@ def test_end_task_refuses_a_non_finite_factor_and_changes_nothing(init, merge, f
     assert_same_state(state(slao), state(clean))
 
 
-@pytest.mark.parametrize("init,merge", MODES)
-@pytest.mark.parametrize("task", [1, 3])
-def test_abort_task_restores_the_state_before_begin_task_bit_for_bit(init, merge, task):
+def finished(init: str, merge: str, tasks: int):
+    """``(model, slao)`` after ``tasks`` finished tasks, each begun under seed 7 and fake-fine-tuned."""
     torch.manual_seed(0)
     model, slao = patched(init=init, merge=merge)
-    for i in range(1, task):
+    for i in range(1, tasks + 1):
         torch.manual_seed(7)
         slao.begin_task()
         fake_finetune(slao, i)
         slao.end_task()
+    return model, slao
+
+
+@pytest.mark.parametrize("init,merge", MODES)
+@pytest.mark.parametrize("task", [1, 3])
+def test_abort_task_restores_the_state_before_begin_task_bit_for_bit(init, merge, task):
+    model, slao = finished(init, merge, task - 1)
     before = state(slao)
     adapter_bytes = slao.state_bytes()
     torch.manual_seed(7)
@@ -285,13 +291,7 @@ def test_abort_task_restores_the_state_before_begin_task_bit_for_bit(init, merge
     slao.begin_task()
     fake_finetune(slao, task)
     slao.end_task()
-    torch.manual_seed(0)
-    _, clean = patched(init=init, merge=merge)
-    for i in range(1, task + 1):
-        torch.manual_seed(7)
-        clean.begin_task()
-        fake_finetune(clean, i)
-        clean.end_task()
+    _, clean = finished(init, merge, task)
     assert_same_state(state(slao), state(clean))
 
 
@@ -310,13 +310,7 @@ def test_end_task_failing_after_its_checks_changes_nothing(init, merge, task, at
     the task open as it was, and abort_task restores the state before begin_task bit for bit."""
     import slao_kernels.continual.slao as slao_module
 
-    torch.manual_seed(0)
-    model, slao = patched(init=init, merge=merge)
-    for i in range(1, task):
-        torch.manual_seed(7)
-        slao.begin_task()
-        fake_finetune(slao, i)
-        slao.end_task()
+    model, slao = finished(init, merge, task - 1)
     before_task = state(slao)
     torch.manual_seed(7)
     slao.begin_task()
