@@ -255,3 +255,25 @@ def test_a_bad_strategy_option_is_refused_before_the_model_is_patched(tokenizer)
     with pytest.raises(ValueError, match="merge"):
         run_stream(model, tokenizer, TASKS, config, **QUIET)
     assert lora_modules(model) == {}
+
+
+def test_a_resume_whose_strategy_settings_resolve_otherwise_is_refused(tmp_path, tokenizer, monkeypatch):
+    """The reported gap: the resume check compared the options given, not what the strategy makes of
+    them, so a library whose defaults changed between the kill and the resume (here: SLAO's λ schedule)
+    continued the run under other settings. Now the resolved settings are compared too."""
+    from slao_kernels.continual.strategies import STRATEGIES
+
+    def kill(name, index):
+        if (name, index) == ("report", 1):
+            raise Killed
+    monkeypatch.setattr(runner, "_stage", kill)
+    with pytest.raises(Killed):
+        run_stream(_model(tokenizer), tokenizer, TASKS, CONFIG, out=str(tmp_path), **QUIET)
+    monkeypatch.setattr(runner, "_stage", lambda name, index: None)
+    config_class = STRATEGIES["slao"].config
+    real = config_class.report
+    monkeypatch.setattr(config_class, "report", lambda self: {**real(self), "lam": "inv"})
+    model = _model(tokenizer)
+    with pytest.raises(ValueError, match="strategy settings"):
+        run_stream(model, tokenizer, TASKS, CONFIG, out=str(tmp_path), resume=True, **QUIET)
+    assert lora_modules(model) == {}  # refused before the model was touched

@@ -247,7 +247,12 @@ def run_stream(model: nn.Module, tokenizer, tasks: Sequence[Task], config: RunCo
         # everything a resumption depends on is checked before the model changes
         record = _resume_state(out, names, run_config) if resume else None
         entry = registered_strategy(config.strategy)  # the options too, before the model is touched
-        entry.config.from_options(dict(config.strategy_options), where=f"strategy {config.strategy!r}")
+        options = entry.config.from_options(dict(config.strategy_options), where=f"strategy {config.strategy!r}")
+        if record is not None:  # the settings the strategy resolves its options to, defaults included
+            saved, ours = record["config"].get("strategy_config"), json.loads(json.dumps(options.report()))
+            if saved != ours:
+                raise ValueError(f"cannot resume: the run in {out} was made with strategy settings {saved}, "
+                                 f"this version makes {ours} of the same options; start again with --overwrite")
         _check_fresh_adapters(model)
         torch.manual_seed(config.seed)
         patch_llama(model, config.lora)
