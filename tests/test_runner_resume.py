@@ -189,13 +189,19 @@ def test_ctrl_c_names_the_task_it_interrupted(tmp_path, tokenizer, monkeypatch):
         run_stream(_model(tokenizer), tokenizer, TASKS, CONFIG, out=str(tmp_path / "zero"), **QUIET)
 
 
-def test_resume_refuses_a_report_without_its_checkpoint(tmp_path, tokenizer, monkeypatch):
+def _killed_at(monkeypatch, stage: str, task: int, model, tokenizer, out) -> None:
+    """Run the stream on ``model`` into ``out`` and 'kill' it at ``(stage, task)`` of its sequence."""
     def kill(name, index):
-        if (name, index) == ("report", 1):
+        if (name, index) == (stage, task):
             raise Killed
     monkeypatch.setattr(runner, "_stage", kill)
     with pytest.raises(Killed):
-        run_stream(_model(tokenizer), tokenizer, TASKS, CONFIG, out=str(tmp_path), **QUIET)
+        run_stream(model, tokenizer, TASKS, CONFIG, out=str(out), **QUIET)
+    monkeypatch.setattr(runner, "_stage", lambda name, index: None)
+
+
+def test_resume_refuses_a_report_without_its_checkpoint(tmp_path, tokenizer, monkeypatch):
+    _killed_at(monkeypatch, "report", 1, _model(tokenizer), tokenizer, tmp_path)
     for f in os.listdir(tmp_path / "checkpoint"):
         os.unlink(tmp_path / "checkpoint" / f)
     os.rmdir(tmp_path / "checkpoint")
@@ -214,14 +220,7 @@ def test_resuming_on_the_model_a_killed_run_trained_is_refused(tmp_path, tokeniz
     task 1 were measured and trained on from them. Now refused, the run directory untouched; a fresh model
     resumes it to the uninterrupted result."""
     model = _model(tokenizer)
-
-    def kill(name, index):
-        if (name, index) == ("trained", 1):
-            raise Killed
-    monkeypatch.setattr(runner, "_stage", kill)
-    with pytest.raises(Killed):
-        run_stream(model, tokenizer, TASKS, CONFIG, out=str(tmp_path), **QUIET)
-    monkeypatch.setattr(runner, "_stage", lambda name, index: None)
+    _killed_at(monkeypatch, "trained", 1, model, tokenizer, tmp_path)
     before = (tmp_path / "report.json").read_bytes()
     with pytest.raises(ValueError, match="already carries trained adapters"):
         run_stream(model, tokenizer, TASKS, CONFIG, out=str(tmp_path), resume=True, **QUIET)
@@ -263,13 +262,7 @@ def test_a_resume_whose_strategy_settings_resolve_otherwise_is_refused(tmp_path,
     continued the run under other settings. Now the resolved settings are compared too."""
     from slao_kernels.continual.strategies import STRATEGIES
 
-    def kill(name, index):
-        if (name, index) == ("report", 1):
-            raise Killed
-    monkeypatch.setattr(runner, "_stage", kill)
-    with pytest.raises(Killed):
-        run_stream(_model(tokenizer), tokenizer, TASKS, CONFIG, out=str(tmp_path), **QUIET)
-    monkeypatch.setattr(runner, "_stage", lambda name, index: None)
+    _killed_at(monkeypatch, "report", 1, _model(tokenizer), tokenizer, tmp_path)
     config_class = STRATEGIES["slao"].config
     real = config_class.report
     monkeypatch.setattr(config_class, "report", lambda self: {**real(self), "lam": "inv"})
