@@ -107,9 +107,8 @@ def run_comparison(model, tokenizer, tasks: Sequence[Task], specs: Sequence[str]
             if existing and existing.get("status") == "complete":
                 _check_reusable(existing, report_path, names,
                                 {**run_config.to_dict(), "spec": spec, **(extra or {})})
-            plan.append((spec, seed, run_dir, run_config, existing))
-    for spec, seed, run_dir, run_config, existing in plan:
-        report_path = os.path.join(run_dir, "report.json")
+            plan.append((spec, seed, run_dir, report_path, run_config, existing))
+    for spec, seed, run_dir, report_path, run_config, existing in plan:
         if existing and existing.get("status") == "complete":
             log(f"{spec} seed {seed}: done earlier, {report_path}")
             runs.setdefault(spec, []).append(existing)

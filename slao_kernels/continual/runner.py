@@ -246,8 +246,9 @@ def run_stream(model: nn.Module, tokenizer, tasks: Sequence[Task], config: RunCo
         run_config = {**config.to_dict(), **(extra_report or {})}
         # everything a resumption depends on is checked before the model changes
         record = _resume_state(out, names, run_config) if resume else None
-        entry = registered_strategy(config.strategy)  # the options too, before the model is touched
-        options = entry.config.from_options(dict(config.strategy_options), where=f"strategy {config.strategy!r}")
+        # the options resolved once, before the model is touched, and the strategy built from them below
+        options = registered_strategy(config.strategy).config.from_options(dict(config.strategy_options),
+                                                                           where=f"strategy {config.strategy!r}")
         if record is not None:  # the settings the strategy resolves its options to, defaults included
             saved, ours = record["config"].get("strategy_config"), json.loads(json.dumps(options.report()))
             if saved != ours:
@@ -256,7 +257,7 @@ def run_stream(model: nn.Module, tokenizer, tasks: Sequence[Task], config: RunCo
         _check_fresh_adapters(model)
         torch.manual_seed(config.seed)
         patch_llama(model, config.lora)
-        strategy = make_strategy(config.strategy, model, **config.strategy_options)
+        strategy = make_strategy(config.strategy, model, options)
         encoder = PromptEncoder(tokenizer, config.max_prompt_tokens)
         strategy.attach(encoder, config.train, tasks)
         report = {

@@ -224,8 +224,9 @@ class SLAO:
             for n, m in zip(names, layers, strict=True):
                 param = getattr(m, factor)
                 if is_sharded(param):
-                    buffer = buffers[n] if n in buffers else buffers.setdefault(n, spare[n])
-                    local(buffer).copy_(local(param))
+                    if n not in buffers:  # the first task: the buffer allocated while staging
+                        buffers[n] = spare[n]
+                    local(buffers[n]).copy_(local(param))
                     local(param).copy_(local(merged[n]))
                 else:
                     buffers[n], param.data = param.data, merged[n]
